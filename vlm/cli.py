@@ -1,0 +1,52 @@
+"""The `vlm` command: a thin dispatcher to the subcommands, each importing only what it needs.
+
+`vlm tokenizer ...` never imports Lightning; `vlm fit ...` does. Each entry maps a subcommand to
+`module:function`, where the function takes the remaining argv.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "tokenizer": ("vlm.text.tokenizer:main", "train a byte-level BPE tokenizer"),
+    "data": ("vlm.data.cli:main", "make shards: synthetic shapes, COCO, LLaVA, image folders"),
+    "fit": ("vlm.training.cli:main", "train a model from YAML recipes (LightningCLI)"),
+    "validate": ("vlm.training.cli:main", "validate a model from YAML recipes"),
+    "test": ("vlm.training.cli:main", "test a model from YAML recipes"),
+    "predict": ("vlm.training.cli:main", "predict with a model from YAML recipes"),
+    "export": ("vlm.training.export:main", "export a Lightning checkpoint to a vlm model directory"),
+    "caption": ("vlm.caption:main", "caption images with an exported model"),
+    "evaluate": ("vlm.eval.evaluate:main", "evaluate captioning on shards: JSON report and PNG grid"),
+    "memory": ("vlm.training.memory:main", "estimate per-device memory of a recipe"),
+}
+
+# Subcommands handed to LightningCLI keep their own name as the first argument.
+_KEEP_NAME = {"fit", "validate", "test", "predict"}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: vlm <command> [args...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help"}:
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"vlm: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, func_name = COMMANDS[name][0].split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    result = func([name, *rest] if name in _KEEP_NAME else rest)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,268 @@
+"""A plain Llama decoder: RMSNorm pre-norm, grouped-query attention, SwiGLU, RoPE, KV cache.
+
+Parameter names follow Meta's layout (`tok_embeddings`, `layers.N.attention.wq`, ...), so that
+`vlm.checkpoints` maps them to Hugging Face names one-to-one. The pieces (`tok_embeddings`,
+`layers`, `norm`, `output`, `context`) are public because `vlm.model` runs the fusion loop over
+them; `Llama.forward` is that loop without fusion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlm.text.rope import RopeScaling, apply_rope, inverse_frequencies, rope_cos_sin
+
+
+@dataclass
+class LlamaConfig:
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 8
+    n_kv_heads: int | None = None  # None: same as n_heads (multi-head attention)
+    vocab_size: int = 32000
+    hidden_dim: int = 768  # SwiGLU inner size
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if isinstance(self.rope_scaling, dict):
+            self.rope_scaling = RopeScaling(**self.rope_scaling)
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"LlamaConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"LlamaConfig.dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"LlamaConfig.n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head size dim / n_heads = {self.head_dim} must be even for RoPE")
+        if self.norm_eps <= 0 or self.rope_theta <= 0:
+            raise ValueError("LlamaConfig.norm_eps and rope_theta must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @classmethod
+    def from_dict(cls, values: dict) -> LlamaConfig:
+        """Build from a dict, refusing keys that are not fields (a typo is an error, not a default)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown LlamaConfig keys {unknown}; known keys: {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 as the reference does, then cast back before the weight.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values of one attention layer: [B, n_kv_heads, max_len, head_dim]."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("k", k, persistent=False)
+        self.register_buffer("v", v, persistent=False)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, Hkv, T, hd] at `start`; return everything written so far."""
+        end = start + k.shape[2]
+        if end > self.k.shape[2]:
+            raise RuntimeError(f"KV cache overflow: {end} positions needed, {self.k.shape[2]} allocated")
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Cache:
+    """The decoding state of a whole model: one KVCache per layer, how many positions are filled,
+    which of them are padding, and the next RoPE position of each row (left padding shifts it)."""
+
+    def __init__(self, layers: list[KVCache], batch_size: int, max_len: int, device: torch.device) -> None:
+        self.layers = layers
+        self.length = 0
+        self.max_len = max_len
+        self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+
+@dataclass
+class StepContext:
+    """What every decoder layer needs for one forward call, computed once per call."""
+
+    cos: torch.Tensor  # [B, T, head_dim]
+    sin: torch.Tensor
+    mask: torch.Tensor | None  # bool [B, 1, T, S], True = may attend; None with is_causal
+    is_causal: bool
+    cache: Cache | None = None
+    start: int = 0  # where this call's keys go in the cache
+    extras: dict = field(default_factory=dict)  # room for fusions (e.g. cross-attention caches)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, *, layer_idx: int) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
+        self.layer_idx = layer_idx
+        self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        if ctx.cache is not None:
+            k, v = ctx.cache.layers[self.layer_idx].update(ctx.start, k, v)
+        if self.n_kv_heads != self.n_heads:
+            # Expanding the few kv heads is faster on CPU than SDPA's enable_gqa path.
+            repeat = self.n_heads // self.n_kv_heads
+            k = k.repeat_interleave(repeat, dim=1)
+            v = v.repeat_interleave(repeat, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.is_causal)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.attention = Attention(config.dim, config.n_heads, config.n_kv_heads, layer_idx=layer_idx)
+        self.feed_forward = FeedForward(config.dim, config.hidden_dim)
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+
+    def forward(self, h: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        h = h + self.attention(self.attention_norm(h), ctx)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Llama(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """Normal(0, std) weights, unit norms: the usual initialisation for training from scratch."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def new_cache(self, batch_size: int, max_len: int, *, dtype: torch.dtype | None = None) -> Cache:
+        """Allocate a KV cache for `batch_size` rows of up to `max_len` positions."""
+        c, weight = self.config, self.tok_embeddings.weight
+        dtype = dtype or weight.dtype
+        shape = (batch_size, c.n_kv_heads, max_len, c.head_dim)
+        layers = [
+            KVCache(torch.zeros(shape, dtype=dtype, device=weight.device), torch.zeros(shape, dtype=dtype, device=weight.device))
+            for _ in range(c.n_layers)
+        ]
+        return Cache(layers, batch_size, max_len, weight.device)
+
+    def context(
+        self, seq_len: int, *, attention_mask: torch.Tensor | None = None, cache: Cache | None = None, batch_size: int = 1
+    ) -> StepContext:
+        """Positions, RoPE tables and the attention mask for `seq_len` new tokens.
+
+        `attention_mask` [B, T] marks the new tokens: 1 real, 0 padding. With a cache, this call
+        reserves the next `seq_len` cache slots, so build exactly one context per forward call.
+        """
+        device, dtype = self.tok_embeddings.weight.device, self.tok_embeddings.weight.dtype
+        if attention_mask is not None:
+            batch_size = attention_mask.shape[0]
+            real = attention_mask.bool()
+        else:
+            real = torch.ones(batch_size, seq_len, dtype=torch.bool, device=device)
+        start = cache.length if cache is not None else 0
+        offset = cache.next_position[:, None] if cache is not None else 0
+        # Padding does not advance positions: the first real token of each row is at position 0.
+        positions = (offset + real.long().cumsum(-1) - 1).clamp_min(0)
+        cos, sin = rope_cos_sin(positions, self._inv_freq(device), dtype)
+        if cache is not None:
+            if start + seq_len > cache.max_len:
+                raise RuntimeError(f"KV cache overflow: {start + seq_len} positions needed, {cache.max_len} allocated")
+            cache.key_mask[:, start : start + seq_len] = real
+            cache.next_position += real.long().sum(-1)
+            cache.length = start + seq_len
+            keys_real = cache.key_mask[:, : start + seq_len]
+        else:
+            keys_real = real
+        mask, is_causal = self._attention_mask(seq_len, start, keys_real, padded=attention_mask is not None)
+        return StepContext(cos=cos, sin=sin, mask=mask, is_causal=is_causal, cache=cache, start=start)
+
+    @staticmethod
+    def _attention_mask(seq_len: int, start: int, keys_real: torch.Tensor, *, padded: bool) -> tuple[torch.Tensor | None, bool]:
+        has_padding = padded and not bool(keys_real.all())
+        if not has_padding and start == 0:
+            return None, True  # plain causal: the fastest SDPA path
+        if not has_padding and seq_len == 1:
+            return None, False  # one new token sees every cached key
+        total = keys_real.shape[1]
+        query_pos = torch.arange(start, start + seq_len, device=keys_real.device)
+        key_pos = torch.arange(total, device=keys_real.device)
+        causal = key_pos[None, :] <= query_pos[:, None]  # [T, S]
+        # A padding query would see no key at all (NaN rows); let it see itself, its output is unused.
+        allowed = causal[None] & (keys_real[:, None, :] | (key_pos[None, :] == query_pos[:, None])[None])
+        return allowed[:, None], False  # [B, 1, T, S]
+
+    def _inv_freq(self, device: torch.device) -> torch.Tensor:
+        c = self.config
+        return inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling, device=device)
+
+    def forward(
+        self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None, cache: Cache | None = None
+    ) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, vocab_size]."""
+        B, T = input_ids.shape
+        ctx = self.context(T, attention_mask=attention_mask, cache=cache, batch_size=B)
+        h = self.tok_embeddings(input_ids)
+        for layer in self.layers:
+            h = layer(h, ctx)
+        return self.output(self.norm(h))

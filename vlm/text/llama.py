@@ -234,12 +234,12 @@ class Llama(nn.Module):
             keys_real = cache.key_mask[:, : start + seq_len]
         else:
             keys_real = real
-        mask, is_causal = self._attention_mask(seq_len, start, keys_real, padded=attention_mask is not None)
+        mask, is_causal = self._attention_mask(seq_len, start, keys_real)
         return StepContext(cos=cos, sin=sin, mask=mask, is_causal=is_causal, cache=cache, start=start)
 
     @staticmethod
-    def _attention_mask(seq_len: int, start: int, keys_real: torch.Tensor, *, padded: bool) -> tuple[torch.Tensor | None, bool]:
-        has_padding = padded and not bool(keys_real.all())
+    def _attention_mask(seq_len: int, start: int, keys_real: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
+        has_padding = not bool(keys_real.all())
         if not has_padding and start == 0:
             return None, True  # plain causal: the fastest SDPA path
         if not has_padding and seq_len == 1:

@@ -1,0 +1,1 @@
+"""Data: webdataset shards (caption, chat, interleaved), converters, synthetic shapes, collation."""

@@ -116,7 +116,8 @@ def generate(
     if not use_cache:
         return _generate_uncached(model, ids, mask, config, generator)
     cache = model.new_cache(ids.shape[0], ids.shape[1] + max_new_tokens)
-    first = model(ids, attention_mask=mask, cache=cache)[:, -1]
+    # Only the last prompt position needs logits.
+    first = model.output(model.hidden(ids, attention_mask=mask, cache=cache)[:, -1])
     return decode(lambda token: model(token, cache=cache)[:, -1], first, config, generator=generator)
 
 

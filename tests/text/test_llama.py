@@ -194,3 +194,30 @@ def test_config_validation():
         LlamaConfig.from_dict({"dim": 64, "n_head": 4})
     with pytest.raises(ValueError, match="low_freq_factor"):
         LlamaConfig(rope_scaling={"factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0})
+
+
+def test_fused_loss_matches_plain_cross_entropy():
+    from vlm.text.loss import fused_linear_cross_entropy
+
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, hidden_dim=128))
+    ids = torch.randint(0, 97, (3, 17))
+    labels = ids.clone()
+    labels[0, :6] = -100  # a prompt
+    labels[2, 10:] = -100  # padding
+    loss = model.loss(ids, labels)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    logits = model(ids)
+    ref = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()))
+    torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-5)
+    # Small chunks give the same value; all-ignored labels give 0 and zero gradients.
+    h = torch.randn(10, 64, requires_grad=True)
+    w = torch.randn(97, 64, requires_grad=True)
+    y = torch.randint(0, 97, (10,))
+    torch.testing.assert_close(fused_linear_cross_entropy(h, w, y, chunk_size=3), F.cross_entropy(h @ w.T, y))
+    empty = fused_linear_cross_entropy(h, w, torch.full((10,), -100))
+    empty.backward()
+    assert empty.item() == 0 and h.grad.abs().sum() == 0

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlm.text.loss import fused_linear_cross_entropy, shift_labels
 from vlm.text.rope import RopeScaling, apply_rope, inverse_frequencies, rope_cos_sin
 
 
@@ -253,16 +254,35 @@ class Llama(nn.Module):
         return allowed[:, None], False  # [B, 1, T, S]
 
     def _inv_freq(self, device: torch.device) -> torch.Tensor:
-        c = self.config
-        return inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling, device=device)
+        # Computed on first use rather than kept as a buffer, so meta-device construction and
+        # checkpoint loading never have to restore it.
+        cached = getattr(self, "_inv_freq_cache", None)
+        if cached is None or cached.device != device:
+            c = self.config
+            cached = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling, device=device)
+            self._inv_freq_cache = cached
+        return cached
 
-    def forward(
+    def hidden(
         self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None, cache: Cache | None = None
     ) -> torch.Tensor:
-        """input_ids [B, T] -> logits [B, T, vocab_size]."""
+        """input_ids [B, T] -> final normalised hidden states [B, T, dim]."""
         B, T = input_ids.shape
         ctx = self.context(T, attention_mask=attention_mask, cache=cache, batch_size=B)
         h = self.tok_embeddings(input_ids)
         for layer in self.layers:
             h = layer(h, ctx)
-        return self.output(self.norm(h))
+        return self.norm(h)
+
+    def forward(
+        self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None, cache: Cache | None = None
+    ) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, vocab_size]."""
+        return self.output(self.hidden(input_ids, attention_mask=attention_mask, cache=cache))
+
+    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, *, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean next-token cross-entropy: position t predicts labels[t+1]; -100 labels are ignored.
+
+        Never materialises the full logits (see `vlm.text.loss`)."""
+        h = self.hidden(input_ids, attention_mask=attention_mask)
+        return fused_linear_cross_entropy(h, self.output.weight, shift_labels(labels))

@@ -304,26 +304,29 @@ def make_shapes_dataset(out: str | os.PathLike, train: int, val: int, seed: int,
         raise ValueError(f"shapes variants must be among {sorted(VARIANTS)}, got {list(variants)}")
     if train < 0 or val < 0:
         raise ValueError(f"sample counts must be >= 0, got train={train} val={val}")
-    out, splits = Path(out), {"train": train, "val": val}
+    if not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
+        raise ValueError(f"image size must be in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}], got {image_size}")
+    out, splits, variants = Path(out), {"train": train, "val": val}, list(dict.fromkeys(variants))
+    # All writers first: existing shards are refused before anything is generated.
+    writers = {(variant, split): ShardWriter(out / variant, prefix=split, max_count=shard_size,
+                                             max_bytes=shard_bytes, overwrite=overwrite)
+               for variant in variants for split in splits}
     workers = (os.cpu_count() or 1) if workers is None else workers
     pool = multiprocessing.Pool(workers) if workers > 1 else None
     bar = tqdm(total=len(variants) * (train + val), unit="sample", desc="shapes",
                disable=not progress)
     counts: dict[str, dict] = {}
     try:
-        for variant in variants:
-            for split, count in splits.items():
-                writer = ShardWriter(out / variant, prefix=split, max_count=shard_size,
-                                     max_bytes=shard_bytes, overwrite=overwrite)
-                tasks = [(variant, seed, split, i, image_size) for i in range(count)]
-                counts.setdefault(variant, {})[split] = _write_split(writer, tasks, pool, bar)
+        for (variant, split), writer in writers.items():
+            tasks = [(variant, seed, split, i, image_size) for i in range(splits[split])]
+            counts.setdefault(variant, {})[split] = _write_split(writer, tasks, pool, bar)
     finally:
         bar.close()
         if pool:
             pool.close()
             pool.join()
     manifest = {"dataset": "vlm-shapes", "version": 1, "seed": seed, "image_size": image_size,
-                "splits": splits, "variants": list(variants), "counts": counts}
+                "splits": splits, "variants": variants, "counts": counts}
     tmp = out / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, out / "manifest.json")

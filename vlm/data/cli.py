@@ -1,0 +1,128 @@
+"""`vlm data ...`: make shards from synthetic shapes, COCO captions, LLaVA JSON or image folders.
+
+    vlm data shapes --out data/shapes --train 10000 --val 500 --seed 0
+    vlm data from-coco --captions captions_train2017.json --images train2017 --out data/coco
+    vlm data from-llava --json llava_v1_5_mix665k.json --images data/llava --out data/llava-shards
+    vlm data from-folder my_images --out data/mine
+
+Each prints a final summary (samples written, skipped by reason). Exit code: 0 on success,
+1 when every sample was skipped (usually a wrong --images path), 2 on bad input or arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+from vlm.data import convert, shapes
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'500000', '500M', '1GB', '2GiB' -> bytes (decimal K/M/G/T, binary KiB/MiB/GiB/TiB)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).lower() if match else ""
+    unit = unit[:-1] if len(unit) == 2 and unit.endswith("b") else unit  # "MB" -> "m"
+    if not match or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (e.g. 500M, 1G, 2GiB)")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def _shard_options(shard_size: int) -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--shard-size", type=int, default=shard_size,
+                        help="most samples per shard (default %(default)s)")
+    parent.add_argument("--shard-bytes", type=parse_bytes, default=parse_bytes("1GiB"),
+                        help="most bytes per shard, e.g. 500M, 1GiB (default 1GiB)")
+    parent.add_argument("--overwrite", action="store_true",
+                        help="replace existing shards with the same prefix in --out")
+    parent.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlm data", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    converter = _shard_options(10_000)
+    converter.add_argument("--prefix", default="shard", help="shard names: PREFIX-000000.tar")
+
+    p = commands.add_parser("shapes", parents=[_shard_options(1000)],
+                            help="synthetic shapes: caption, chat and interleaved shards")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--train", type=int, default=10_000, help="samples per variant (train)")
+    p.add_argument("--val", type=int, default=500, help="samples per variant (val)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=64, help="pixels, 64 to 96")
+    p.add_argument("--variants", nargs="+", choices=list(shapes.VARIANTS),
+                   default=list(shapes.VARIANTS))
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all CPUs)")
+
+    p = commands.add_parser("from-coco", parents=[converter], help="COCO captions JSON")
+    p.add_argument("--captions", type=Path, required=True, help="e.g. captions_train2017.json")
+    p.add_argument("--images", type=Path, required=True, help="folder of the COCO images")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--per", choices=["caption", "image"], default="caption",
+                   help="one sample per caption, or per image with all its captions")
+
+    p = commands.add_parser("from-llava", parents=[converter], help="LLaVA instruction JSON")
+    p.add_argument("--json", type=Path, required=True, help="list of {id, image, conversations}")
+    p.add_argument("--images", type=Path, default=None,
+                   help="folder the 'image' paths are relative to (default: the JSON's folder)")
+    p.add_argument("--out", type=Path, required=True)
+
+    p = commands.add_parser("from-folder", parents=[converter],
+                            help="images with same-stem .txt captions")
+    p.add_argument("folder", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    return parser
+
+
+def _run_shapes(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    manifest = shapes.make_shapes_dataset(
+        args.out, args.train, args.val, args.seed, image_size=args.image_size,
+        variants=args.variants, shard_size=args.shard_size, shard_bytes=args.shard_bytes,
+        workers=args.workers, overwrite=args.overwrite, progress=not args.no_progress)
+    seconds = time.perf_counter() - start
+    images = 0
+    for variant, splits in manifest["counts"].items():
+        for split, count in splits.items():
+            images += count["images"]
+            print(f"{variant}/{split}: {count['samples']} samples, {count['images']} images, "
+                  f"{len(count['shards'])} shards")
+    print(f"wrote {images} images in {seconds:.1f} s ({images / max(seconds, 1e-9):.0f} images/s) "
+          f"to {args.out}; manifest: {args.out / 'manifest.json'}")
+    return 0
+
+
+def _run_converter(args: argparse.Namespace) -> int:
+    options = {"prefix": args.prefix, "max_count": args.shard_size, "max_bytes": args.shard_bytes,
+               "overwrite": args.overwrite, "progress": not args.no_progress}
+    if args.command == "from-coco":
+        summary = convert.convert_coco(args.captions, args.images, args.out, per=args.per, **options)
+    elif args.command == "from-llava":
+        images = args.images if args.images is not None else args.json.parent
+        summary = convert.convert_llava(args.json, images, args.out, **options)
+    else:
+        summary = convert.convert_folder(args.folder, args.out, **options)
+    print(f"{args.command} -> {args.out}\n{summary.describe()}")
+    return 1 if summary.written == 0 and summary.skipped else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `vlm data`; `argv` excludes "data". Returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _run_shapes(args) if args.command == "shapes" else _run_converter(args)
+    except (convert.InputError, FileExistsError, ValueError) as err:
+        print(f"vlm data {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,147 @@
+"""Collation: encoded samples -> one padded `Batch` of tensors.
+
+The collator knows one number about the model, `image_token_count`: how many sequence positions
+one image occupies (the vision encoder's token count for early fusion, 1 for cross-attention
+fusion). Each <|image|> token is expanded to that many; fusions find image positions as
+`input_ids == image_id`. It never asks which fusion it serves.
+
+Truncation policy (`max_length`): a sequence is cut at `max_length`, or earlier at the start of an
+image span that would not fit whole, so no image is ever half in the sequence. Images whose span
+is cut off are dropped from `pixel_values`, and a warning names the sample. The collator counts
+these events in `truncated_samples` and `dropped_images` (per process).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from vlm.data.formats import EncodedSample
+
+IGNORE_INDEX = -100  # same value as vlm.text.chat.IGNORE_INDEX; kept local so collation needs no tokenizer
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Batch:
+    """A training batch.
+
+    Attributes:
+        input_ids: [B, T] long, right-padded with the pad id.
+        labels: [B, T] long, -100 on padding, image tokens and anything not learned.
+        attention_mask: [B, T] long, 1 on real tokens, 0 on padding.
+        pixel_values: [N, 3, H, W] float, all images of the batch in sample order then order of
+            appearance; None if the batch has no image.
+        image_sample_index: [N] long, the row of `input_ids` each image belongs to; None if no image.
+    """
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    attention_mask: torch.Tensor
+    pixel_values: torch.Tensor | None = None
+    image_sample_index: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str, *, non_blocking: bool = False) -> Batch:
+        """A copy with every tensor on `device`."""
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> Batch:
+        """A copy in pinned memory (the DataLoader calls this when `pin_memory=True`)."""
+        return self._map(lambda t: t.pin_memory())
+
+    def _map(self, fn) -> Batch:
+        return Batch(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
+                        for f in fields(self)})
+
+
+class Collator:
+    """Turns a list of `EncodedSample` into a `Batch`.
+
+    Args:
+        pad_id: token id used for right padding.
+        image_id: id of the <|image|> token.
+        image_token_count: positions one image occupies after expansion (>= 1).
+        max_length: longest sequence kept after expansion (see the module docstring); None keeps all.
+    """
+
+    def __init__(self, *, pad_id: int, image_id: int, image_token_count: int = 1, max_length: int | None = None):
+        if image_token_count < 1:
+            raise ValueError(f"image_token_count must be >= 1, got {image_token_count}")
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"max_length must be >= 1 or None, got {max_length}")
+        if pad_id == image_id:
+            raise ValueError(f"pad_id and image_id are both {pad_id}; padding would look like image slots")
+        self.pad_id, self.image_id = pad_id, image_id
+        self.image_token_count, self.max_length = image_token_count, max_length
+        self.truncated_samples = 0
+        self.dropped_images = 0
+
+    def __call__(self, samples: Sequence[EncodedSample]) -> Batch:
+        if not samples:
+            raise ValueError("cannot collate an empty list of samples")
+        rows = [self.expand(sample) for sample in samples]
+        length = max(len(ids) for ids, _, _ in rows)
+        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        images, owners = [], []
+        for row, (ids, row_labels, row_images) in enumerate(rows):
+            input_ids[row, : len(ids)] = ids
+            labels[row, : len(ids)] = row_labels
+            attention_mask[row, : len(ids)] = 1
+            images += row_images
+            owners += [row] * len(row_images)
+        if not images:
+            return Batch(input_ids, labels, attention_mask)
+        pixel_values = _stack_images(images, [samples[row].key for row in owners])
+        return Batch(input_ids, labels, attention_mask, pixel_values, torch.tensor(owners, dtype=torch.long))
+
+    def expand(self, sample: EncodedSample) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """Expanded (and possibly truncated) ids [T'], labels [T'] and the images kept."""
+        ids = torch.as_tensor(sample.input_ids, dtype=torch.long)
+        labels = torch.as_tensor(sample.labels, dtype=torch.long)
+        if ids.ndim != 1 or ids.shape != labels.shape:
+            raise ValueError(f"sample {sample.key!r}: input_ids {tuple(ids.shape)} and labels "
+                             f"{tuple(labels.shape)} must be 1-D of the same length")
+        is_image = ids == self.image_id
+        if int(is_image.sum()) != len(sample.images):
+            raise ValueError(f"sample {sample.key!r}: {int(is_image.sum())} <|image|> token(s) but "
+                             f"{len(sample.images)} image(s)")
+        repeats = torch.where(is_image, self.image_token_count, 1)  # [T]
+        ids, labels = ids.repeat_interleave(repeats), labels.repeat_interleave(repeats)  # [T']
+        labels[ids == self.image_id] = IGNORE_INDEX
+        if self.max_length is None or len(ids) <= self.max_length:
+            return ids, labels, list(sample.images)
+        span_starts = (torch.cumsum(repeats, 0) - repeats)[is_image].tolist()
+        cut, kept = self.max_length, 0
+        for start in span_starts:
+            if start + self.image_token_count > cut:
+                cut = min(cut, start)  # this span would be cut: drop it whole, and all later ones
+                break
+            kept += 1
+        self._report_truncation(sample.key, len(ids), cut, len(sample.images) - kept)
+        return ids[:cut], labels[:cut], list(sample.images[:kept])
+
+    def _report_truncation(self, key: str, length: int, cut: int, dropped: int) -> None:
+        self.truncated_samples += 1
+        self.dropped_images += dropped
+        if dropped:
+            log.warning("sample %r: %d tokens truncated to %d (max_length %d); dropped %d image(s) "
+                        "whose span did not fit", key, length, cut, self.max_length, dropped)
+
+
+def _stack_images(images: list, keys: list[str]) -> torch.Tensor:
+    """[N, 3, H, W] from N tensors [3, H, W]; clear errors for untransformed or mixed-size images."""
+    for image, key in zip(images, keys):
+        if not isinstance(image, torch.Tensor):
+            raise TypeError(f"sample {key!r}: images must be tensors [3, H, W] for collation, got "
+                            f"{type(image).__name__}; pass the vision encoder's transform to encode_sample")
+    shapes = {tuple(image.shape) for image in images}
+    if len(shapes) != 1:
+        raise ValueError(f"images of one batch must share a shape, got {sorted(shapes)} (samples {sorted(set(keys))})")
+    return torch.stack(images)

@@ -1,7 +1,8 @@
-"""Text side of vlm: the tokenizer, the chat template and (later) the Llama backbone."""
+"""Text side of vlm: the Llama backbone, the tokenizer and the chat template."""
 
 from vlm.text.chat import IGNORE_INDEX, ChatTemplate, count_images
+from vlm.text.llama import Cache, Llama, LlamaConfig
+from vlm.text.rope import RopeScaling
 from vlm.text.tokenizer import SPECIAL_TOKENS, Tokenizer
 
-# Llama backbone exports (LlamaConfig, the model) are added here by the engineer who owns llama.py.
-__all__ = ["IGNORE_INDEX", "SPECIAL_TOKENS", "ChatTemplate", "Tokenizer", "count_images"]
+__all__ = ["IGNORE_INDEX", "SPECIAL_TOKENS", "Cache", "ChatTemplate", "Llama", "LlamaConfig", "RopeScaling", "Tokenizer", "count_images"]

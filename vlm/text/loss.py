@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+from vlm.text.chat import IGNORE_INDEX
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):

@@ -1,0 +1,139 @@
+"""VisionLanguageModel: stages and gradients, the backbone stays a plain Llama, user fusions."""
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from tiny_models import IMAGE_ID, VOCAB, batch_from, images, open_gates, tiny_model
+
+import vlm.fusion
+from vlm.checkpoints import save_llama_hf
+from vlm.fusion import FusionConfig, list_fusions
+from vlm.stages import set_trainable
+from vlm.text.llama import Llama
+
+ROWS = [[1, IMAGE_ID, 8, 9, 10, 11], [2, 3, IMAGE_ID, 12, IMAGE_ID, 13, 14]]
+
+
+def _batch(model):
+    return batch_from(model, ROWS, [images(1), images(2, seed=1)], labels=True)
+
+
+@pytest.mark.parametrize("fusion", ["llava", "flamingo"])
+@pytest.mark.parametrize("stage", ["align", "instruct", "full"])
+def test_gradients_reach_exactly_the_trainable_parts(fusion, stage):
+    model = tiny_model(fusion)
+    if fusion == "flamingo":
+        open_gates(model, 0.5)  # closed gates would block gradients into the resampler
+    table = set_trainable(model, stage)
+    model.train()
+    loss = model(_batch(model), return_logits=False).loss
+    loss.backward()
+    trained = {"align": {"fusion"}, "instruct": {"fusion", "text"}, "full": {"fusion", "text", "vision"}}[stage]
+    for name, p in model.named_parameters():
+        part = name.split(".")[0]
+        if part in trained and p.requires_grad:
+            assert p.grad is not None, name
+        else:
+            assert p.grad is None, name
+    # Every part that trains has non-zero gradients somewhere, and the table agrees with the flags.
+    for part in trained:
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n.startswith(part))
+        assert table.rows[part][0] > 0
+    assert table.rows.get("vision", (0, 1))[0] == (0 if "vision" not in trained else table.rows["vision"][0])
+    assert model.vision.training == ("vision" in trained)
+
+
+def test_include_exclude_globs():
+    model = tiny_model("llava")
+    table = set_trainable(model, "align", include=["text.norm.*"], exclude=["fusion.projector.0.*"])
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert flags["text.norm.weight"] and not flags["fusion.projector.0.weight"] and flags["fusion.projector.2.weight"]
+    assert table.rows["text"][0] == 64
+    with pytest.raises(ValueError, match="matches no parameter"):
+        set_trainable(model, include=["txt.*"])
+    with pytest.raises(ValueError, match="unknown stage"):
+        set_trainable(model, "pretrain")
+
+
+def test_loss_with_and_without_logits_agree():
+    model = tiny_model("llava")
+    batch = _batch(model)
+    with torch.no_grad():
+        out = model(batch)
+        fast = model(batch, return_logits=False)
+    ref = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), batch.labels[:, 1:].flatten())
+    torch.testing.assert_close(out.loss, ref, atol=1e-6, rtol=1e-6)
+    assert fast.logits is None and torch.equal(fast.loss, out.loss)
+
+
+@pytest.mark.parametrize("fusion", ["llava", "flamingo"])
+def test_text_backbone_stays_a_plain_llama(tmp_path, fusion):
+    transformers = pytest.importorskip("transformers")
+    model = tiny_model(fusion)
+    plain = Llama(model.config.text)
+    plain.load_state_dict(model.text.state_dict(), strict=True)
+    save_llama_hf(model.text, tmp_path)
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, plain(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_load_text_backbone_grows_the_vocabulary(tmp_path):
+    model = tiny_model("llava")
+    small = Llama(type(model.config.text)(**{**model.config.text.to_dict(), "vocab_size": VOCAB - 1}))
+    save_llama_hf(small, tmp_path)
+    model.load_text_backbone(tmp_path)
+    emb = model.text.tok_embeddings.weight
+    torch.testing.assert_close(emb[: VOCAB - 1], small.tok_embeddings.weight, atol=0, rtol=0)
+    torch.testing.assert_close(emb[-1], small.tok_embeddings.weight.mean(0), atol=1e-6, rtol=1e-6)
+    wrong = Llama(type(model.config.text)(**{**model.config.text.to_dict(), "n_layers": 2}))
+    save_llama_hf(wrong, tmp_path / "wrong")
+    with pytest.raises(ValueError, match="n_layers: model 4 vs checkpoint 2"):
+        model.load_text_backbone(tmp_path / "wrong")
+
+
+def test_user_defined_fusion_trains_one_step():
+    @dataclass
+    class MeanOptions:
+        scale: float = 1.0
+
+    @vlm.fusion.register("mean_prefix")
+    class MeanPrefixFusion(vlm.fusion.Fusion):
+        """Adds the projected mean image feature of a row to every token of that row."""
+
+        Options = MeanOptions
+
+        def __init__(self, options, *, text, vision_dim, vision_tokens, image_token_id):
+            super().__init__(options, text=text, vision_dim=vision_dim, vision_tokens=vision_tokens, image_token_id=image_token_id)
+            self.proj = torch.nn.Linear(vision_dim, text.dim)
+
+        @property
+        def tokens_per_image(self):
+            return 1
+
+        def prepare(self, features, batch, state=None):
+            if state is not None:
+                return state
+            out = torch.zeros(batch.input_ids.shape[0], self.text_dim)
+            if features is not None:
+                out = out.index_add(0, batch.image_sample_index, self.proj(features.mean(1)))
+            return out * self.options.scale
+
+        def embed(self, h, state):
+            return h + state[:, None]
+
+    assert "mean_prefix" in list_fusions()
+    model = tiny_model("mean_prefix", scale=0.5)
+    assert isinstance(model.config.fusion, FusionConfig)
+    set_trainable(model, "align")
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    before = model.fusion.proj.weight.detach().clone()
+    model.train()
+    batch = _batch(model)
+    loss = model(batch, return_logits=False).loss
+    loss.backward()
+    opt.step()
+    assert not torch.equal(before, model.fusion.proj.weight)
+    assert model.generate([images(1)], [[1, IMAGE_ID, 3]], max_new_tokens=3)

@@ -1,0 +1,202 @@
+"""VisionLanguageModel: one Llama, one vision encoder, one fusion, and the loop that joins them.
+
+    images -> vision -> fusion.prepare --------------------------\\
+    tokens -> text.tok_embeddings -> fusion.embed -> [fusion.before_layer(i) -> text.layers[i]] x L -> norm -> output
+
+The Llama module is untouched: its state_dict loads into a plain `Llama` and exports with
+`save_llama_hf`. No Lightning here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlm.checkpoints import load_llama
+from vlm.fusion import Fusion, FusionConfig, build_fusion
+from vlm.generation import SamplingConfig, decode, left_pad
+from vlm.text.llama import Cache, Llama, LlamaConfig
+from vlm.text.loss import fused_linear_cross_entropy, shift_labels
+from vlm.vision import VisionConfig, VisionEncoder, build_vision_encoder
+
+
+@dataclass
+class VLMConfig:
+    """The whole model: text backbone, vision tower, fusion, and the id of `<|image|>`."""
+
+    text: LlamaConfig = field(default_factory=LlamaConfig)
+    vision: VisionConfig = field(default_factory=lambda: VisionConfig(model="vit_tiny_patch16_224"))
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    image_token_id: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.text, dict):
+            self.text = LlamaConfig.from_dict(self.text)
+        if isinstance(self.vision, dict):
+            self.vision = VisionConfig.from_dict(self.vision)
+        if isinstance(self.fusion, dict):
+            self.fusion = FusionConfig(**self.fusion)
+        if not 0 <= self.image_token_id < self.text.vocab_size:
+            raise ValueError(f"image_token_id {self.image_token_id} is outside the vocabulary (size {self.text.vocab_size})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> VLMConfig:
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown VLMConfig keys {unknown}")
+        return cls(**values)
+
+
+@dataclass
+class ModelInput:
+    """The fields the model reads; the data layer's `Batch` has the same names."""
+
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor | None = None  # [B, T]
+    pixel_values: torch.Tensor | None = None  # [N, 3, H, W]
+    image_sample_index: torch.Tensor | None = None  # [N]
+    labels: torch.Tensor | None = None  # [B, T]
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor | None  # [B, T, V], None when only the loss was asked for
+    loss: torch.Tensor | None
+
+
+class VisionLanguageModel(nn.Module):
+    def __init__(self, config: VLMConfig, *, text: Llama, vision: VisionEncoder, fusion: Fusion) -> None:
+        super().__init__()
+        self.config = config
+        self.text, self.vision, self.fusion = text, vision, fusion
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.fusion.tokens_per_image
+
+    def forward(self, batch: Any, *, cache: Cache | None = None, state: Any = None, return_logits: bool = True) -> ModelOutput:
+        """Logits [B, T, V], and the mean next-token loss when `batch.labels` is set.
+
+        With `return_logits=False` the loss is computed chunk by chunk without materialising logits.
+        """
+        h, _ = self.hidden(batch, cache=cache, state=state)
+        labels = getattr(batch, "labels", None)
+        loss = None
+        if labels is not None:
+            loss = fused_linear_cross_entropy(h, self.text.output.weight, shift_labels(labels))
+        return ModelOutput(self.text.output(h) if return_logits else None, loss)
+
+    def hidden(self, batch: Any, *, cache: Cache | None = None, state: Any = None) -> tuple[torch.Tensor, Any]:
+        """The fusion loop. Returns final normalised hidden states [B, T, D] and the fusion state."""
+        pixels = getattr(batch, "pixel_values", None)
+        features = self.vision(pixels) if pixels is not None and pixels.shape[0] > 0 else None
+        state = self.fusion.prepare(features, batch, state)
+        input_ids = batch.input_ids
+        ctx = self.text.context(input_ids.shape[1], attention_mask=getattr(batch, "attention_mask", None),
+                                cache=cache, batch_size=input_ids.shape[0])
+        h = self.fusion.embed(self.text.tok_embeddings(input_ids), state)
+        for i, layer in enumerate(self.text.layers):
+            h = self.fusion.before_layer(i, h, state)
+            h = layer(h, ctx)
+        return self.text.norm(h), state
+
+    @torch.no_grad()
+    def generate(
+        self,
+        images: Sequence[Sequence[torch.Tensor]] | None,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        stop_tokens: Sequence[int] = (),
+        pad_id: int = 0,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ) -> list[list[int]]:
+        """Continue each prompt. `prompts[i]` holds one `<|image|>` token per image in `images[i]`
+        (transformed tensors [3, H, W]); the model expands them as its fusion needs.
+        Returns the new tokens of each prompt, stop token excluded."""
+        config = SamplingConfig(max_new_tokens, temperature, top_k, top_p, tuple(stop_tokens))
+        batch = self._prompt_batch(images, prompts, pad_id)
+        if not use_cache:
+            return self._generate_uncached(batch, config, generator)
+        cache = self.text.new_cache(batch.input_ids.shape[0], batch.input_ids.shape[1] + max_new_tokens)
+        h, state = self.hidden(batch, cache=cache)
+        holder = {"state": state}
+
+        def step(token: torch.Tensor) -> torch.Tensor:
+            h, holder["state"] = self.hidden(ModelInput(token), cache=cache, state=holder["state"])
+            return self._next_logits(h)
+
+        return decode(step, self._next_logits(h), config, generator=generator)
+
+    def _next_logits(self, h: torch.Tensor) -> torch.Tensor:
+        logits = self.text.output(h[:, -1])
+        logits[:, self.config.image_token_id] = float("-inf")  # images come from the prompt, never sampled
+        return logits
+
+    def _generate_uncached(self, batch: ModelInput, config: SamplingConfig, generator) -> list[list[int]]:
+        def step(token: torch.Tensor) -> torch.Tensor:
+            batch.input_ids = torch.cat([batch.input_ids, token], 1)
+            batch.attention_mask = torch.cat([batch.attention_mask, torch.ones_like(token)], 1)
+            return self._next_logits(self.hidden(batch)[0])
+
+        return decode(step, self._next_logits(self.hidden(batch)[0]), config, generator=generator)
+
+    def _prompt_batch(self, images, prompts: Sequence[Sequence[int]], pad_id: int) -> ModelInput:
+        device = self.text.tok_embeddings.weight.device
+        images = images or [[] for _ in prompts]
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} image lists for {len(prompts)} prompts")
+        image_id, per_image = self.config.image_token_id, self.tokens_per_image
+        expanded = []
+        for row, (prompt, row_images) in enumerate(zip(prompts, images)):
+            marks = sum(int(t == image_id) for t in prompt)
+            if marks != len(row_images):
+                raise ValueError(f"prompt {row}: {marks} <|image|> tokens but {len(row_images)} image(s)")
+            expanded.append([t for token in prompt for t in ([token] * (per_image if token == image_id else 1))])
+        ids, mask = left_pad(expanded, pad_id, device=device)
+        flat = [image for row_images in images for image in row_images]
+        pixels = torch.stack(list(flat)).to(device) if flat else None
+        owners = torch.tensor([row for row, r in enumerate(images) for _ in r], dtype=torch.long, device=device)
+        return ModelInput(ids, mask, pixels, owners if flat else None)
+
+    def load_text_backbone(self, path: str | Path) -> None:
+        """Load Llama weights (Hugging Face or Meta layout) into the text backbone.
+
+        A checkpoint with a smaller vocabulary (e.g. Llama 3 before `<|image|>` was added to its
+        tokenizer) fills the first rows; the new rows start at the mean embedding."""
+        loaded = load_llama(path)
+        ours, theirs = self.text.config, loaded.config
+        mismatched = [f.name for f in dataclasses.fields(LlamaConfig)
+                      if f.name not in ("vocab_size", "max_seq_len") and getattr(ours, f.name) != getattr(theirs, f.name)]
+        if mismatched or theirs.vocab_size > ours.vocab_size:
+            details = ", ".join(f"{n}: model {getattr(ours, n)} vs checkpoint {getattr(theirs, n)}" for n in mismatched + ["vocab_size"])
+            raise ValueError(f"{path}: text backbone config does not match ({details})")
+        state = loaded.state_dict()
+        for key in ("tok_embeddings.weight", "output.weight"):
+            if key in state and theirs.vocab_size < ours.vocab_size:
+                old = state[key]
+                new = old.mean(0, keepdim=True).expand(ours.vocab_size - theirs.vocab_size, -1)
+                state[key] = torch.cat([old, new], 0)
+        self.text.load_state_dict(state, strict=True)
+
+
+def build_model(config: VLMConfig) -> VisionLanguageModel:
+    """Build a randomly initialised text backbone and fusion around the configured vision encoder."""
+    text = Llama(config.text)
+    vision = build_vision_encoder(config.vision)
+    fusion = build_fusion(config.fusion, text=config.text, vision_dim=vision.dim, vision_tokens=vision.num_tokens,
+                          image_token_id=config.image_token_id)
+    return VisionLanguageModel(config, text=text, vision=vision, fusion=fusion)

@@ -123,11 +123,14 @@ class VisionLanguageModel(nn.Module):
         pad_id: int = 0,
         generator: torch.Generator | None = None,
         use_cache: bool = True,
+        vocab_size: int | None = None,
     ) -> list[list[int]]:
         """Continue each prompt. `prompts[i]` holds one `<|image|>` token per image in `images[i]`
         (transformed tensors [3, H, W]); the model expands them as its fusion needs.
+        `vocab_size` limits sampling to the tokenizer's ids when the embedding table is larger.
         Returns the new tokens of each prompt, stop token excluded."""
         config = SamplingConfig(max_new_tokens, temperature, top_k, top_p, tuple(stop_tokens))
+        self._sample_limit = vocab_size
         batch = self._prompt_batch(images, prompts, pad_id)
         if not use_cache:
             return self._generate_uncached(batch, config, generator)
@@ -144,6 +147,8 @@ class VisionLanguageModel(nn.Module):
     def _next_logits(self, h: torch.Tensor) -> torch.Tensor:
         logits = self.text.output(h[:, -1])
         logits[:, self.config.image_token_id] = float("-inf")  # images come from the prompt, never sampled
+        if getattr(self, "_sample_limit", None) is not None:
+            logits[:, self._sample_limit :] = float("-inf")  # rows the tokenizer has no token for
         return logits
 
     def _generate_uncached(self, batch: ModelInput, config: SamplingConfig, generator) -> list[list[int]]:

@@ -1,0 +1,167 @@
+"""The LightningDataModule over the webdataset pipeline of `vlm.data`.
+
+It needs two things from the model, read when the loaders are built: the vision encoder's image
+transform and how many positions one image occupies (`tokens_per_image`). It keeps the number of
+training batches consumed in its state, so a resumed run skips exactly those batches.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+from vlm.data.collate import Collator
+from vlm.data.corpus import write_corpus
+from vlm.data.pipeline import PipelineConfig, SkipCounter, build_dataloader
+from vlm.data.shapes import VARIANTS, make_shapes_dataset
+from vlm.text.chat import ChatTemplate
+from vlm.text.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ShapesSpec:
+    """Generate the synthetic shapes set under `out` when it is missing."""
+
+    out: str = "data/shapes"
+    train: int = 20000
+    val: int = 500
+    seed: int = 0
+    image_size: int = 64
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+
+
+def expand_shards(patterns: str | list[str]) -> list[str]:
+    """Globs and brace patterns -> sorted shard paths."""
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    paths: list[str] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else PipelineConfig(shards=pattern).shards
+        paths += matches
+    return paths
+
+
+class VLMDataModule(L.LightningDataModule):
+    """Shards -> batches for a VisionLanguageModel.
+
+    Args:
+        train_shards / val_shards: shard paths, globs or brace patterns.
+        tokenizer: a tokenizer.json; trained on the training text (`tokenizer_vocab_size`) if missing.
+        shapes: when set, the synthetic shapes set is generated first if its manifest is missing.
+        handler: "skip" (count and drop bad samples) or "strict" (raise naming shard and key).
+    """
+
+    def __init__(
+        self,
+        *,
+        train_shards: str | list[str],
+        val_shards: str | list[str] | None = None,
+        tokenizer: str = "data/shapes/tokenizer.json",
+        tokenizer_vocab_size: int = 512,
+        shapes: ShapesSpec | None = None,
+        batch_size: int = 32,
+        val_batch_size: int | None = None,
+        num_workers: int = 2,
+        max_length: int | None = None,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        handler: str = "skip",
+        max_skip_fraction: float = 0.05,
+    ) -> None:
+        super().__init__()
+        self.train_patterns, self.val_patterns = train_shards, val_shards
+        self.tokenizer_path, self.tokenizer_vocab_size = Path(tokenizer), tokenizer_vocab_size
+        self.shapes = shapes
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
+        self.num_workers, self.max_length, self.seed = num_workers, max_length, seed
+        self.shuffle_buffer, self.handler, self.max_skip_fraction = shuffle_buffer, handler, max_skip_fraction
+        self.tokenizer: Tokenizer | None = None
+        self.skips = SkipCounter()
+        self.batches_consumed = 0  # advanced by the LightningModule, saved in checkpoints
+        self._resume_skip = 0
+
+    def prepare_data(self) -> None:
+        """Runs on one process: generate the shapes set and the tokenizer when missing."""
+        if self.shapes is not None and not (Path(self.shapes.out) / "manifest.json").exists():
+            s = self.shapes
+            log.info("generating the shapes dataset in %s", s.out)
+            make_shapes_dataset(s.out, s.train, s.val, s.seed, image_size=s.image_size, variants=s.variants,
+                                overwrite=True, progress=True)
+        if not self.tokenizer_path.exists():
+            corpus = self.tokenizer_path.with_suffix(".corpus.txt")
+            lines = write_corpus(self._shards(self.train_patterns, "train_shards"), corpus)
+            log.info("training a %d-token tokenizer on %d texts -> %s", self.tokenizer_vocab_size, lines, self.tokenizer_path)
+            Tokenizer.train([corpus], self.tokenizer_vocab_size).save(self.tokenizer_path)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tokenizer is None:
+            self.tokenizer = Tokenizer.from_file(self.tokenizer_path)
+
+    def check_model(self, model: Any) -> None:
+        config = model.config
+        if self.tokenizer.image_id != config.image_token_id:
+            raise ValueError(f"{self.tokenizer_path}: <|image|> is id {self.tokenizer.image_id}, "
+                             f"but the model's image_token_id is {config.image_token_id}")
+        if self.tokenizer.vocab_size > config.text.vocab_size:
+            raise ValueError(f"{self.tokenizer_path}: {self.tokenizer.vocab_size} tokens do not fit the model's "
+                             f"vocab_size {config.text.vocab_size}")
+
+    def _shards(self, patterns: str | list[str] | None, what: str) -> list[str]:
+        shards = expand_shards(patterns or [])
+        missing = [s for s in shards if not Path(s).is_file()]
+        if not shards or missing:
+            raise FileNotFoundError(f"{what}: no shard at {missing[:3] if missing else patterns!r} (make shards with `vlm data ...`)")
+        return shards
+
+    def _loader(self, patterns, what: str, *, train: bool):
+        model = self.trainer.lightning_module.model
+        self.check_model(model)
+        collator = Collator(pad_id=self.tokenizer.pad_id, image_id=self.tokenizer.image_id,
+                            image_token_count=model.tokens_per_image, max_length=self.max_length)
+        shards = self._shards(patterns, what)
+        config = PipelineConfig(shards=shards, batch_size=self.batch_size if train else self.val_batch_size,
+                                seed=self.seed, shuffle=train, shuffle_buffer=self.shuffle_buffer, resampled=train,
+                                handler=self.handler, max_skip_fraction=self.max_skip_fraction)
+        workers = self.num_workers if train else min(self.num_workers, len(shards))
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        return build_dataloader(config, ChatTemplate(self.tokenizer), transform=model.vision.transform, collator=collator,
+                                num_workers=workers, counter=self.skips if train else None, rank=rank, world_size=world)
+
+    def train_dataloader(self):
+        loader = self._loader(self.train_patterns, "train_shards", train=True)
+        skip, self._resume_skip = self._resume_skip, 0
+        return ResumedLoader(loader, skip)
+
+    def val_dataloader(self):
+        if self.val_patterns is None:
+            return []
+        return self._loader(self.val_patterns, "val_shards", train=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches_consumed": self.batches_consumed, "skips": self.skips.as_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batches_consumed = self._resume_skip = int(state["batches_consumed"])
+
+
+class ResumedLoader:
+    """Iterates a loader after dropping its first `skip` batches (the ones a resumed run already saw).
+
+    The pipeline is deterministic for a seed, so the batches after them are the ones the
+    interrupted run would have seen next."""
+
+    def __init__(self, loader, skip: int) -> None:
+        self.loader, self.skip = loader, skip
+
+    def __iter__(self):
+        iterator = iter(self.loader)
+        for _ in range(self.skip):
+            next(iterator)
+        self.skip = 0
+        return iterator

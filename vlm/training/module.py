@@ -1,0 +1,146 @@
+"""The LightningModule: build the model, call it, compute the loss, log. Nothing else lives here."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from typing import Any
+
+import lightning as L
+import torch
+
+from vlm.eval.metrics import caption_metrics
+from vlm.model import VisionLanguageModel, VLMConfig, build_model
+from vlm.stages import set_trainable
+from vlm.training.optim import OptimConfig, build_optimizer
+
+log = logging.getLogger(__name__)
+
+
+class VLMModule(L.LightningModule):
+    """Trains a VisionLanguageModel.
+
+    Args:
+        config: the model (text, vision, fusion).
+        stage: `align`, `instruct` or `full` (see `vlm.stages`); `include`/`exclude` refine it.
+        text_checkpoint: Llama weights (Hugging Face or Meta directory) for the text backbone.
+        optim: optimizer and schedule.
+        max_nonfinite: abort after this many steps with a non-finite loss (each one is skipped).
+        caption_samples: validation rows whose captions are generated for the metrics and grid.
+        max_new_tokens: generation length for those captions.
+    """
+
+    def __init__(
+        self,
+        config: VLMConfig,
+        *,
+        stage: str | None = "full",
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        text_checkpoint: str | None = None,
+        optim: OptimConfig | None = None,
+        max_nonfinite: int = 10,
+        caption_samples: int = 64,
+        max_new_tokens: int = 32,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.stage, self.include, self.exclude = stage, list(include or []), list(exclude or [])
+        self.text_checkpoint = text_checkpoint
+        self.optim = optim or OptimConfig()
+        self.max_nonfinite = max_nonfinite
+        self.caption_samples, self.max_new_tokens = caption_samples, max_new_tokens
+        # Plain values only, so that checkpoints load with weights_only=True.
+        self.save_hyperparameters({"config": config.to_dict(), "stage": stage, "include": self.include,
+                                   "exclude": self.exclude, "optim": asdict(self.optim)})
+        self.model: VisionLanguageModel | None = None
+        self.nonfinite_steps = 0
+        self._captions: list[tuple[torch.Tensor, str, str]] = []
+        self.last_captions: list[tuple[torch.Tensor, str, str]] = []
+
+    def configure_model(self) -> None:
+        """Built here, not in __init__, so that sharding strategies can wrap it as it is created."""
+        if self.model is not None:
+            return
+        self.model = build_model(self.config)
+        if self.text_checkpoint:
+            self.model.load_text_backbone(self.text_checkpoint)
+        self.parameter_table = set_trainable(self.model, self.stage, include=self.include, exclude=self.exclude)
+
+    def forward(self, batch: Any, **kwargs: Any):
+        return self.model(batch, **kwargs)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        loss = self.model(batch, return_logits=False).loss
+        finite = bool(torch.isfinite(loss))
+        finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
+            return self._skip_nonfinite(batch_idx)
+        tokens = int((batch.labels != -100).sum())
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch.input_ids.shape[0])
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=False)
+        self.log("train/target_tokens", float(tokens), reduce_fx="sum")
+        return loss
+
+    def _skip_nonfinite(self, batch_idx: int) -> None:
+        self.nonfinite_steps += 1
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps))
+        log.warning("non-finite loss at batch %d: step skipped (%d so far, limit %d)", batch_idx, self.nonfinite_steps, self.max_nonfinite)
+        if self.nonfinite_steps > self.max_nonfinite:
+            raise RuntimeError(f"{self.nonfinite_steps} steps with a non-finite loss (limit {self.max_nonfinite}); stopping")
+        return None  # Lightning skips backward and the optimizer step
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        loss = self.model(batch, return_logits=False).loss
+        self.log("val/loss", loss, prog_bar=True, batch_size=batch.input_ids.shape[0], sync_dist=True)
+        if len(self._captions) < self.caption_samples:
+            self._captions += self._caption_batch(batch)[: self.caption_samples - len(self._captions)]
+
+    def _caption_batch(self, batch: Any) -> list[tuple[torch.Tensor | None, str, str]]:
+        """Generate from each row's prompt (everything before its first learned token)."""
+        tokenizer = self.trainer.datamodule.tokenizer
+        prompts, images, refs, shown = [], [], [], []
+        for row in range(batch.input_ids.shape[0]):
+            target = (batch.labels[row] != -100).nonzero().flatten()
+            if len(target) == 0:
+                continue
+            prompt = batch.input_ids[row, : int(target[0])].tolist()
+            row_images = [] if batch.pixel_values is None else list(batch.pixel_values[batch.image_sample_index == row])
+            prompts.append(_collapse_images(prompt, self.config.image_token_id, self.model.tokens_per_image))
+            images.append(row_images)
+            refs.append(tokenizer.decode(batch.labels[row, target].tolist()).strip())
+            shown.append(row_images[0].cpu() if row_images else None)
+        if not prompts:
+            return []
+        outputs = self.model.generate(images, prompts, max_new_tokens=self.max_new_tokens,
+                                      stop_tokens=[tokenizer.eot_id], pad_id=tokenizer.pad_id,
+                                      vocab_size=tokenizer.vocab_size)
+        return [(image, tokenizer.decode(out).strip(), ref) for image, out, ref in zip(shown, outputs, refs)]
+
+    def on_validation_epoch_end(self) -> None:
+        if self._captions:
+            preds = [p for _, p, _ in self._captions]
+            refs = [[r] for _, _, r in self._captions]
+            metrics = caption_metrics(preds, refs)
+            for name in ("exact_match", "bleu4", "cider_d"):
+                self.log(f"val/{name}", float(metrics[name]), prog_bar=name == "exact_match")
+        self.last_captions, self._captions = self._captions, []
+
+    def configure_optimizers(self):
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
+        optimizer, scheduler = build_optimizer(self.model, self.optim, total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _collapse_images(prompt: list[int], image_id: int, per_image: int) -> list[int]:
+    """Expanded image spans back to one `<|image|>` per image (generate expands them again)."""
+    out, run = [], 0
+    for token in [*prompt, None]:
+        if token == image_id:
+            run += 1
+            continue
+        out += [image_id] * (run // per_image)
+        run = 0
+        if token is not None:
+            out.append(token)
+    return out

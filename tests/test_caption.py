@@ -1,0 +1,127 @@
+"""Captioner and `vlm caption`: one line per image, batching changes nothing, errors name the file."""
+
+import pytest
+import torch
+from PIL import Image
+from test_export import tiny_model_for, tokenizer  # noqa: F401  (tokenizer is a fixture)
+
+from vlm.caption import Captioner, read_image
+from vlm.cli import main as vlm_main
+from vlm.export import save_model
+
+COLOURS = [(255, 0, 0), (0, 128, 255), (20, 200, 40), (250, 250, 10), (90, 0, 90)]
+
+
+@pytest.fixture(params=["llava", "flamingo"])
+def model_dir(request, tokenizer, tmp_path):  # noqa: F811
+    model = tiny_model_for(tokenizer, request.param, seed=4)
+    if request.param == "flamingo":
+        with torch.no_grad():
+            for name, p in model.fusion.named_parameters():
+                if name.endswith("_gate"):
+                    p.fill_(1.0)
+    save_model(model, tmp_path / "model", tokenizer=tokenizer)
+    return tmp_path / "model"
+
+
+@pytest.fixture
+def pngs(tmp_path):
+    paths = []
+    for i, colour in enumerate(COLOURS):
+        image = Image.new("RGB", (24 + 4 * i, 20), colour)
+        image.paste((255 - colour[0], 30 * i, 128), (2, 3, 12, 14))  # a second shape, so images differ
+        image.save(tmp_path / f"img{i}.png")
+        paths.append(tmp_path / f"img{i}.png")
+    return paths
+
+
+def _run(capsys, *argv):
+    code = vlm_main(["caption", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out.splitlines(), err
+
+
+def test_batched_equals_one_by_one(model_dir, pngs):
+    captioner = Captioner.from_directory(model_dir)
+    images = [read_image(p) for p in pngs]
+    batched = captioner.caption(images, batch_size=3, max_new_tokens=8)
+    assert len(batched) == len(pngs)
+    assert batched == [captioner.caption([image], batch_size=1, max_new_tokens=8)[0] for image in images]
+    asked = captioner.caption(images, prompt="what colour is it?", batch_size=2, max_new_tokens=8)
+    assert asked == [captioner.caption([image], prompt="what colour is it?", max_new_tokens=8)[0] for image in images]
+
+
+def test_prompt_is_a_user_turn_with_the_image_first(model_dir, tokenizer):  # noqa: F811
+    captioner = Captioner.from_directory(model_dir)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "how many?"}]}]
+    assert captioner.prompt_ids("how many?") == captioner.template.render(messages, add_generation_prompt=True)[0]
+    plain = captioner.prompt_ids()
+    text = tokenizer.decode(plain, skip_special_tokens=False)
+    assert plain.count(tokenizer.image_id) == 1
+    assert text == "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<|image|><|eot_id|>" \
+                   "<|start_header_id|>assistant<|end_header_id|>\n\n"
+
+
+def test_generation_stops_at_eot(model_dir, pngs, tokenizer):  # noqa: F811
+    captioner = Captioner.from_directory(model_dir)
+    image = read_image(pngs[0])
+    pixels, prompt = [[captioner.transform(image)]], [captioner.prompt_ids()]
+    first = captioner.model.generate(pixels, prompt, max_new_tokens=4)[0][0]
+    assert first != tokenizer.eot_id
+    with torch.no_grad():  # swap output rows: the model's first choice now spells <|eot_id|>
+        weight = captioner.model.text.output.weight
+        weight[[first, tokenizer.eot_id]] = weight[[tokenizer.eot_id, first]].clone()
+    assert captioner.model.generate(pixels, prompt, max_new_tokens=4)[0][0] == tokenizer.eot_id
+    assert captioner.caption([image], max_new_tokens=8) == [""]
+
+
+def test_cli_prints_one_caption_per_image(model_dir, pngs, capsys, monkeypatch):
+    captioner = Captioner.from_directory(model_dir)
+    images = [read_image(p) for p in pngs]
+    code, lines, err = _run(capsys, "--model", model_dir, *pngs, "--batch-size", 2, "--max-new-tokens", 6)
+    assert code == 0 and err == ""
+    expected = [" ".join(text.split()) for text in captioner.caption(images, max_new_tokens=6)]
+    assert lines == [f"{path}\t{text}" for path, text in zip(pngs, expected)]
+    assert _run(capsys, "--model", model_dir, *pngs, "--batch-size", 1, "--max-new-tokens", 6)[1] == lines
+    # --prompt reaches the model as text after the image
+    seen = []
+    real = Captioner.caption
+    monkeypatch.setattr(Captioner, "caption",
+                        lambda self, images, **kw: seen.append(kw["prompt"]) or real(self, images, **kw))
+    code, asked, _ = _run(capsys, "--model", model_dir, *pngs[:2], "--prompt", "which shape?", "--max-new-tokens", 6)
+    assert code == 0 and seen == ["which shape?"] and len(asked) == 2
+    expected = [" ".join(t.split()) for t in real(captioner, images[:2], prompt="which shape?", max_new_tokens=6)]
+    assert asked == [f"{path}\t{text}" for path, text in zip(pngs[:2], expected)]
+
+
+def test_cli_sampling_is_seeded(model_dir, pngs, capsys):
+    args = ["--model", model_dir, *pngs[:3], "--temperature", "1.5", "--max-new-tokens", 6]
+    assert _run(capsys, *args, "--seed", 1)[1] == _run(capsys, *args, "--seed", 1)[1]
+
+
+def test_cli_reports_bad_images_by_name_and_continues(model_dir, pngs, capsys, tmp_path):
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("this is text, not a PNG")
+    missing = tmp_path / "missing.png"
+    code, lines, err = _run(capsys, "--model", model_dir, pngs[0], missing, not_an_image, pngs[1], "--batch-size", 2,
+                          "--max-new-tokens", 4)
+    assert code == 1
+    assert [line.split("\t")[0] for line in lines] == [str(pngs[0]), str(pngs[1])]
+    assert f"{missing}: no such file" in err
+    assert f"{not_an_image}: cannot read image" in err
+    assert "2 of 4 image(s) could not be read" in err
+
+
+def test_cli_model_directory_errors(tokenizer, pngs, capsys, tmp_path):  # noqa: F811
+    save_model(tiny_model_for(tokenizer), tmp_path / "bare")  # no tokenizer saved with it
+    code, lines, err = _run(capsys, "--model", tmp_path / "bare", pngs[0])
+    assert code == 2 and not lines and "no tokenizer.json" in err and str(tmp_path / "bare") in err
+    code, _, err = _run(capsys, "--model", tmp_path / "nowhere", pngs[0])
+    assert code == 2 and "does not exist" in err
+    code, _, err = _run(capsys, "--model", tmp_path / "bare", pngs[0], "--batch-size", 0)
+    assert code == 2 and "--batch-size" in err
+
+
+def test_cli_help_documents_the_output(capsys):
+    assert vlm_main(["caption", "--help"]) == 0
+    assert "PATH<TAB>CAPTION" in capsys.readouterr().out

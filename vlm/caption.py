@@ -1,0 +1,158 @@
+"""Caption images (or answer a question about them) with an exported model directory.
+
+    vlm caption --model D IMAGE [IMAGE ...] [--prompt TEXT] [--batch-size N] [--max-new-tokens N]
+
+The prompt is the layout the model was trained on: one user turn holding the image, then the
+optional question, then the assistant header; the answer ends at `<|eot_id|>`. No Lightning here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from vlm.data.decode import DEFAULT_MAX_PIXELS, SampleError, decode_image
+from vlm.export import check_tokenizer, load_model, load_tokenizer
+from vlm.model import VisionLanguageModel
+from vlm.text.chat import ChatTemplate
+from vlm.text.tokenizer import Tokenizer
+
+
+class Captioner:
+    """A model, its tokenizer and chat template, and the vision encoder's image transform.
+
+    Args:
+        model: any VisionLanguageModel (it is put in eval mode).
+        tokenizer: the tokenizer the model was trained with.
+    """
+
+    def __init__(self, model: VisionLanguageModel, tokenizer: Tokenizer) -> None:
+        check_tokenizer(tokenizer, model.config, source="tokenizer")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.template = ChatTemplate(tokenizer)
+        self.transform = model.vision.transform
+        # <|end_of_text|> too: a model trained on interleaved documents may end that way
+        self.stop_tokens = (tokenizer.eot_id, tokenizer.eos_id)
+
+    @classmethod
+    def from_directory(cls, path: str | Path, *, device: str | torch.device | None = None,
+                       dtype: torch.dtype | None = None) -> Captioner:
+        """Load a directory written by `vlm.save_model(..., tokenizer=...)`."""
+        tokenizer = load_tokenizer(path)  # first: a directory without one fails before the weights load
+        return cls(load_model(path, device=device, dtype=dtype), tokenizer)
+
+    def prompt_ids(self, prompt: str | None = None) -> list[int]:
+        """Token ids of a user turn [image, prompt text] followed by the assistant header."""
+        content: list[dict] = [{"type": "image"}]
+        if prompt:
+            content.append({"type": "text", "text": prompt})
+        ids, _ = self.template.render([{"role": "user", "content": content}], add_generation_prompt=True)
+        return ids
+
+    def caption(
+        self,
+        images: Sequence[Image.Image],
+        *,
+        prompt: str | None = None,
+        max_new_tokens: int = 32,
+        batch_size: int = 8,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> list[str]:
+        """One text per image, in order; greedy unless `temperature` > 0. Surrounding whitespace is stripped."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        ids = self.prompt_ids(prompt)
+        texts: list[str] = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start:start + batch_size]
+            pixels = [[self.transform(image)] for image in chunk]  # one image per prompt, [3, S, S] each
+            new_tokens = self.model.generate(
+                pixels, [ids] * len(chunk), max_new_tokens=max_new_tokens, temperature=temperature,
+                top_k=top_k, top_p=top_p, stop_tokens=self.stop_tokens, pad_id=self.tokenizer.pad_id,
+                generator=generator)
+            texts += [self.tokenizer.decode(tokens).strip() for tokens in new_tokens]
+        return texts
+
+
+def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """An RGB image from a JPEG/PNG/WEBP file, with the data pipeline's pixel limit.
+
+    Raises ValueError naming the file for anything that is not a readable image."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    try:
+        return decode_image(path.read_bytes(), max_pixels=max_pixels)
+    except (SampleError, OSError) as error:
+        raise ValueError(f"{path}: cannot read image: {error}") from None
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vlm caption",
+        description="Caption images with a model directory written by `vlm export` / vlm.save_model. "
+                    "Prints one line per image, in the order given: PATH<TAB>CAPTION (whitespace runs, "
+                    "newlines and tabs inside a caption are printed as one space). Unreadable images are "
+                    "reported on stderr by name and skipped; the exit code is then 1 (2 for a bad model "
+                    "directory or bad arguments).")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG, PNG or WEBP files")
+    parser.add_argument("--model", required=True, metavar="DIR", help="model directory (with tokenizer.json)")
+    parser.add_argument("--prompt", default=None,
+                        help="a question asked after the image (default: none, plain captioning)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per generate call (default 8)")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="longest answer in tokens (default 32)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default); > 0 samples")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed when --temperature > 0 (default 0)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`vlm caption ...`: 0 when every image was captioned, 1 if some could not be read, 2 on bad usage."""
+    try:
+        args = _build_parser().parse_args(argv)
+    except SystemExit as stop:  # argparse exits on --help (0) and on usage errors (2)
+        return stop.code if isinstance(stop.code, int) else 2
+    if args.batch_size < 1 or args.max_new_tokens < 0 or args.temperature < 0:
+        print("vlm caption: error: --batch-size must be >= 1, --max-new-tokens and --temperature >= 0",
+              file=sys.stderr)
+        return 2
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        captioner = Captioner.from_directory(args.model, device=device)
+    except (OSError, ValueError) as error:
+        print(f"vlm caption: error: {error}", file=sys.stderr)
+        return 2
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    failed: list[str] = []
+    for start in range(0, len(args.images), args.batch_size):
+        paths, images = [], []
+        for path in args.images[start:start + args.batch_size]:  # decoded per batch: memory stays bounded
+            try:
+                images.append(read_image(path))
+                paths.append(path)
+            except ValueError as error:
+                print(f"vlm caption: {error}", file=sys.stderr)
+                failed.append(path)
+        texts = captioner.caption(images, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
+                                  batch_size=args.batch_size, temperature=args.temperature, generator=generator)
+        for path, text in zip(paths, texts):
+            print(f"{path}\t{' '.join(text.split())}", flush=True)
+    if failed:
+        print(f"vlm caption: {len(failed)} of {len(args.images)} image(s) could not be read: {', '.join(failed)}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -44,7 +44,8 @@ class CaptionGrid(L.Callback):
         self.last_path: Path | None = None
 
     @rank_zero_only
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Not on_validation_epoch_end: callbacks run before the module's hook that collects captions.
         captions = [c for c in pl_module.last_captions if c[0] is not None][: self.max_images]
         if not captions or trainer.sanity_checking:
             return

@@ -134,9 +134,11 @@ class VLMDataModule(L.LightningDataModule):
                                 num_workers=workers, counter=self.skips if train else None, rank=rank, world_size=world)
 
     def train_dataloader(self):
-        loader = self._loader(self.train_patterns, "train_shards", train=True)
+        return ResumedLoader(self._loader(self.train_patterns, "train_shards", train=True), self._take_resume_skip)
+
+    def _take_resume_skip(self) -> int:
         skip, self._resume_skip = self._resume_skip, 0
-        return ResumedLoader(loader, skip)
+        return skip
 
     def val_dataloader(self):
         if self.val_patterns is None:
@@ -151,17 +153,18 @@ class VLMDataModule(L.LightningDataModule):
 
 
 class ResumedLoader:
-    """Iterates a loader after dropping its first `skip` batches (the ones a resumed run already saw).
+    """Iterates a loader after dropping the batches a resumed run already saw.
 
-    The pipeline is deterministic for a seed, so the batches after them are the ones the
+    `take_skip()` is asked when the first batch is requested: Lightning restores the data module's
+    state after building the loaders, and creates an iterator it never reads before the real one.
+    The pipeline is deterministic for a seed, so the batches after the skipped ones are those the
     interrupted run would have seen next."""
 
-    def __init__(self, loader, skip: int) -> None:
-        self.loader, self.skip = loader, skip
+    def __init__(self, loader, take_skip) -> None:
+        self.loader, self.take_skip = loader, take_skip
 
     def __iter__(self):
         iterator = iter(self.loader)
-        for _ in range(self.skip):
+        for _ in range(self.take_skip()):
             next(iterator)
-        self.skip = 0
-        return iterator
+        yield from iterator

@@ -1,0 +1,59 @@
+"""Exact resume after SIGKILL, and `last` never pointing at a truncated checkpoint."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from training_helpers import ROOT, fit_args, read_losses, tiny_recipe
+
+from vlm.cli import main
+from vlm.training.checkpointing import is_complete, latest_complete_checkpoint
+
+
+def _run_cli(args: list[str], tmp_path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    code = "import sys; from vlm.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_bitwise_exact(tmp_path, shapes_dir):
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    assert main(fit_args(tiny_recipe(straight, shapes_dir, max_steps=12), "llava")) == 0
+    expected = read_losses(straight / "run")
+    assert len(expected) == 12
+
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    recipe = tiny_recipe(killed, shapes_dir, max_steps=12)
+    kill = ["--trainer.callbacks+=training_helpers.KillAtStep", "--trainer.callbacks.step=6"]
+    result = _run_cli(fit_args(recipe, "llava", *kill), killed)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    assert sorted(read_losses(killed / "run")) == list(range(6))
+
+    assert main(fit_args(recipe, "llava", "--ckpt_path", "last")) == 0
+    resumed = read_losses(killed / "run")
+    assert sorted(resumed) == list(range(12))
+    for step in range(6, 12):  # steps 7-12, counted from 1
+        assert resumed[step] == expected[step], (step, resumed[step], expected[step])
+
+
+def test_truncated_checkpoint_is_never_last(tmp_path, shapes_dir):
+    recipe = tiny_recipe(tmp_path, shapes_dir, max_steps=4, every=2)
+    assert main(fit_args(recipe, "llava")) == 0
+    folder = tmp_path / "run" / "checkpoints"
+    newest = max(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime_ns)
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])  # a crash mid-write with a non-atomic writer
+    os.utime(newest)
+    assert not is_complete(newest)
+    picked = latest_complete_checkpoint(folder)
+    assert picked is not None and picked != newest and is_complete(picked)
+    for path in folder.glob("*.ckpt"):  # no complete file left: resume starts from scratch
+        path.write_bytes(b"PK\x03\x04 truncated")
+    assert latest_complete_checkpoint(folder) is None
+    assert main(fit_args(recipe, "llava", "--ckpt_path", "last", "--trainer.max_steps", "1")) == 0
+    assert not list(folder.glob("*.tmp"))

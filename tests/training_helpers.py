@@ -1,0 +1,81 @@
+"""Tiny recipes for the training tests: everything under a tmp dir, a tiny model, tiny data."""
+
+import os
+import signal
+from pathlib import Path
+
+import lightning as L
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_recipe(tmp_path: Path, shapes_dir: Path, *, max_steps: int = 12, every: int = 1, **extra) -> Path:
+    """An override file: tiny model, tiny data, everything written under tmp_path."""
+    out = tmp_path / "run"
+    recipe = {
+        "trainer": {
+            "max_steps": max_steps, "val_check_interval": max_steps, "default_root_dir": str(out),
+            "log_every_n_steps": 1, "enable_progress_bar": False,
+            "logger": [{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(out), "name": "logs"}}],
+            "callbacks": [
+                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                 "init_args": {"dirpath": str(out / "checkpoints"), "every_n_train_steps": every, "save_last": True, "save_top_k": -1}},
+                {"class_path": "vlm.training.CaptionGrid"},
+            ],
+        },
+        "model": {
+            "config": {
+                "text": {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 320, "hidden_dim": 128, "max_seq_len": 128},
+                "vision": {"name": "timm", "model": "vit_tiny_patch16_224", "frozen": False, "feature_layer": -1,
+                           "model_kwargs": {"img_size": 64, "patch_size": 16, "embed_dim": 32, "depth": 2, "num_heads": 2}},
+            },
+            "optim": {"lr": 0.003, "warmup_steps": 2},
+            "caption_samples": 8,
+            "max_new_tokens": 12,
+        },
+        "data": {
+            "train_shards": str(shapes_dir / "caption" / "train-*.tar"),
+            "val_shards": str(shapes_dir / "caption" / "val-*.tar"),
+            "tokenizer": str(shapes_dir / "tokenizer.json"),
+            "shapes": None,
+            "batch_size": 8,
+            "num_workers": 0,
+            "shuffle_buffer": 50,
+        },
+    }
+    for key, value in extra.items():
+        section, name = key.split("__")
+        recipe[section][name] = value
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def fit_args(recipe: Path, fusion: str = "llava", *more: str) -> list[str]:
+    return ["fit", "--config", str(ROOT / "configs" / "shapes.yaml"), "--config", str(ROOT / "configs" / "fusion" / f"{fusion}.yaml"),
+            "--config", str(recipe), *more]
+
+
+def read_losses(run_dir: Path) -> dict[int, str]:
+    """step -> train/loss as written (the CSV keeps Python's round-trip repr)."""
+    import csv
+
+    losses = {}
+    for path in sorted(run_dir.glob("logs/version_*/metrics.csv")):
+        with open(path) as f:
+            for row in csv.DictReader(f):
+                if row.get("train/loss"):
+                    losses[int(row["step"])] = row["train/loss"]
+    return losses
+
+
+class KillAtStep(L.Callback):
+    """SIGKILLs its own process when training reaches `step`: no clean shutdown, no final save."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -79,3 +79,20 @@ class KillAtStep(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class PoisonBatch(L.Callback):
+    """Makes the batch of `step` produce a NaN loss and snapshots the parameters around it."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.before = self.after = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.step:
+            batch.pixel_values.fill_(float("nan"))
+            self.before = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == self.step:
+            self.after = {k: v.clone() for k, v in pl_module.state_dict().items()}

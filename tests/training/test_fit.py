@@ -35,3 +35,28 @@ def test_fusion_swap_on_the_command_line(tmp_path, shapes_dir):
     assert main(args) == 0
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert any(k.startswith("model.fusion.resampler") for k in state["state_dict"])
+
+
+@pytest.mark.slow
+def test_export_load_and_caption(tmp_path, shapes_dir, capsys):
+    import vlm
+
+    recipe = tiny_recipe(tmp_path, shapes_dir, max_steps=4, every=4)
+    assert main(fit_args(recipe, "flamingo")) == 0
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    out = tmp_path / "model"
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(out)]) == 0
+    model = vlm.load_model(out)
+    state = torch.load(checkpoint, weights_only=True)["state_dict"]
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, state[f"model.{name}"]), name
+    image = shapes_dir / "probe.png"
+    from vlm.data.shapes import draw_scene
+    import random
+
+    draw_scene(random.Random(0))[0].save(image)
+    capsys.readouterr()
+    assert main(["caption", "--model", str(out), str(image), str(image)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and lines[0] == lines[1] and lines[0].startswith(str(image))
+    assert main(["export", "--checkpoint", str(tmp_path / "nope.ckpt"), "--out", str(out)]) == 2

@@ -146,7 +146,9 @@ class VLMDataModule(L.LightningDataModule):
         return self._loader(self.val_patterns, "val_shards", train=False)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"batches_consumed": self.batches_consumed, "skips": self.skips.as_dict()}
+        # The tokenizer path lets `vlm export` find the tokenizer the model was trained with.
+        return {"batches_consumed": self.batches_consumed, "skips": self.skips.as_dict(),
+                "tokenizer": str(self.tokenizer_path.resolve())}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.batches_consumed = self._resume_skip = int(state["batches_consumed"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -24,6 +25,8 @@ class VLMModule(L.LightningModule):
         config: the model (text, vision, fusion).
         stage: `align`, `instruct` or `full` (see `vlm.stages`); `include`/`exclude` refine it.
         text_checkpoint: Llama weights (Hugging Face or Meta directory) for the text backbone.
+        init_checkpoint: start from a whole model: a `vlm fit` .ckpt (e.g. stage 1 before stage 2)
+            or a directory written by `vlm export`. Loaded after `text_checkpoint`.
         optim: optimizer and schedule.
         max_nonfinite: abort after this many steps with a non-finite loss (each one is skipped).
         caption_samples: validation rows whose captions are generated for the metrics and grid.
@@ -38,6 +41,7 @@ class VLMModule(L.LightningModule):
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         text_checkpoint: str | None = None,
+        init_checkpoint: str | None = None,
         optim: OptimConfig | None = None,
         max_nonfinite: int = 10,
         caption_samples: int = 64,
@@ -46,7 +50,7 @@ class VLMModule(L.LightningModule):
         super().__init__()
         self.config = config
         self.stage, self.include, self.exclude = stage, list(include or []), list(exclude or [])
-        self.text_checkpoint = text_checkpoint
+        self.text_checkpoint, self.init_checkpoint = text_checkpoint, init_checkpoint
         self.optim = optim or OptimConfig()
         self.max_nonfinite = max_nonfinite
         self.caption_samples, self.max_new_tokens = caption_samples, max_new_tokens
@@ -65,6 +69,8 @@ class VLMModule(L.LightningModule):
         self.model = build_model(self.config)
         if self.text_checkpoint:
             self.model.load_text_backbone(self.text_checkpoint)
+        if self.init_checkpoint:
+            self.model.load_state_dict(initial_state(self.init_checkpoint), strict=True)
         self.parameter_table = set_trainable(self.model, self.stage, include=self.include, exclude=self.exclude)
 
     def forward(self, batch: Any, **kwargs: Any):
@@ -130,6 +136,16 @@ class VLMModule(L.LightningModule):
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
         optimizer, scheduler = build_optimizer(self.model, self.optim, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def initial_state(path: str) -> dict[str, torch.Tensor]:
+    """Model weights from a `vlm fit` checkpoint file or a `vlm export` directory (never unpickled)."""
+    if Path(path).is_dir():
+        from vlm.export import load_model
+
+        return load_model(path).state_dict()
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    return {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
 
 
 def _collapse_images(prompt: list[int], image_id: int, per_image: int) -> list[int]:

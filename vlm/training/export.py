@@ -1,0 +1,58 @@
+"""`vlm export --checkpoint C --out D`: a Lightning checkpoint -> a model directory that
+`vlm.load_model(D)` and `vlm caption --model D` read without Lightning."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from vlm.export import save_model
+from vlm.model import VisionLanguageModel, VLMConfig, build_model
+from vlm.text.tokenizer import Tokenizer
+from vlm.training.checkpointing import is_complete
+
+
+def model_from_checkpoint(path: str | Path) -> tuple[VisionLanguageModel, dict]:
+    """Rebuild the model of a VLMModule checkpoint (read with weights_only=True)."""
+    path = Path(path)
+    if not is_complete(path):
+        raise ValueError(f"{path}: missing or not a complete checkpoint")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        config = VLMConfig.from_dict(checkpoint["hyper_parameters"]["config"])
+    except KeyError as err:
+        raise ValueError(f"{path}: not a vlm training checkpoint (no {err} entry)") from err
+    # The weights come from the checkpoint, not from the tower's original source.
+    config.vision = dataclasses.replace(config.vision, checkpoint_path=None, pretrained=False)
+    model = build_model(config)
+    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: state_dict does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.eval(), checkpoint
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vlm export", description=__doc__)
+    parser.add_argument("--checkpoint", required=True, help="a .ckpt written by `vlm fit`")
+    parser.add_argument("--out", required=True, help="the model directory to write")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the one the run trained with)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing model directory")
+    args = parser.parse_args(argv)
+    try:
+        model, checkpoint = model_from_checkpoint(args.checkpoint)
+        tokenizer_path = args.tokenizer or checkpoint.get("VLMDataModule", {}).get("tokenizer")
+        if tokenizer_path is None:
+            raise ValueError(f"{args.checkpoint}: no tokenizer recorded; pass --tokenizer")
+        tokenizer = Tokenizer.from_file(tokenizer_path)
+        save_model(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"vlm export: {err}", file=sys.stderr)
+        return 2
+    print(f"exported {args.checkpoint} -> {args.out}")
+    return 0

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from PIL import Image
-from test_export import tiny_model_for, tokenizer  # noqa: F401  (tokenizer is a fixture)
+from tiny_models import tiny_model_for
 
 from vlm.caption import Captioner, read_image
 from vlm.cli import main as vlm_main

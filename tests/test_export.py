@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tiny_models import IMAGE_ID, batch_from, images, open_gates, tiny_model
+from tiny_models import IMAGE_ID, batch_from, images, open_gates, tiny_model, tiny_model_for
 
 import vlm
 from vlm import export
@@ -16,24 +16,6 @@ from vlm.model import build_model
 from vlm.text.tokenizer import Tokenizer
 
 ROWS = [[1, IMAGE_ID, 8, 9, 10], [2, 3, IMAGE_ID, 12, IMAGE_ID, 13]]
-CORPUS = "a red circle on a white background\na small blue square next to a green triangle\n" * 40
-
-
-@pytest.fixture(scope="session")
-def tokenizer(tmp_path_factory) -> Tokenizer:
-    corpus = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    corpus.write_text(CORPUS)
-    return Tokenizer.train([corpus], 300, show_progress=False)
-
-
-def tiny_model_for(tokenizer: Tokenizer, fusion: str = "llava", seed: int = 0):
-    """tests/tiny_models.py's model with the embedding table sized for `tokenizer`."""
-    config = tiny_model(fusion).config
-    config.text = dataclasses.replace(config.text, vocab_size=tokenizer.vocab_size)
-    assert config.image_token_id == tokenizer.image_id
-    torch.manual_seed(seed)
-    return build_model(config).eval()
-
 
 def _prepared(fusion: str):
     model = tiny_model(fusion, seed=3)

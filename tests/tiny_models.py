@@ -1,5 +1,7 @@
 """Tiny vision-language models for the fusion and model tests (built offline, in milliseconds)."""
 
+import dataclasses
+
 import torch
 
 from vlm.fusion import FusionConfig
@@ -23,6 +25,15 @@ def tiny_model(fusion: str = "llava", seed: int = 0, **options):
         fusion=FusionConfig(fusion, options),
         image_token_id=IMAGE_ID,
     )
+    return build_model(config).eval()
+
+
+def tiny_model_for(tokenizer, fusion: str = "llava", seed: int = 0):
+    """The tiny model with its embedding table sized for `tokenizer` (whose <|image|> is IMAGE_ID)."""
+    config = tiny_model(fusion).config
+    config.text = dataclasses.replace(config.text, vocab_size=tokenizer.vocab_size)
+    assert config.image_token_id == tokenizer.image_id
+    torch.manual_seed(seed)
     return build_model(config).eval()
 
 

@@ -78,7 +78,7 @@ class Captioner:
             new_tokens = self.model.generate(
                 pixels, [ids] * len(chunk), max_new_tokens=max_new_tokens, temperature=temperature,
                 top_k=top_k, top_p=top_p, stop_tokens=self.stop_tokens, pad_id=self.tokenizer.pad_id,
-                generator=generator)
+                generator=generator, vocab_size=self.tokenizer.vocab_size)
             texts += [self.tokenizer.decode(tokens).strip() for tokens in new_tokens]
         return texts
 

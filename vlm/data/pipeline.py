@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import glob
 import random
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -295,3 +296,13 @@ def build_dataloader(config: PipelineConfig, template: ChatTemplate, *, transfor
                     len(config.shards), dataset.world_size, num_workers)
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                       persistent_workers=False)
+
+
+def expand_shards(patterns: str | list[str]) -> list[str]:
+    """Globs and brace patterns -> sorted shard paths."""
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    paths: list[str] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else expand_urls(pattern)
+        paths += matches
+    return paths

@@ -226,7 +226,7 @@ def cider_d(candidates: Candidates, references: References, *, tokenize: bool = 
     return sum(scores.values()) / len(scores)
 
 
-def _normalise(caption: str) -> str:
+def normalise_caption(caption: str) -> str:
     caption = " ".join(caption.lower().split())
     return caption[:-1].rstrip() if caption.endswith(".") else caption
 
@@ -235,7 +235,7 @@ def exact_match(candidates: Candidates, references: References) -> float:
     """Fraction of candidates equal to any of their references after lower-casing, collapsing
     whitespace and ignoring one trailing period."""
     _, cands, refs = _aligned(candidates, references)
-    hits = sum(_normalise(c) in {_normalise(r) for r in rs} for c, rs in zip(cands, refs))
+    hits = sum(normalise_caption(c) in {normalise_caption(r) for r in rs} for c, rs in zip(cands, refs))
     return hits / len(cands)
 
 

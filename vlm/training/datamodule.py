@@ -7,7 +7,6 @@ training batches consumed in its state, so a resumed run skips exactly those bat
 
 from __future__ import annotations
 
-import glob
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ import lightning as L
 
 from vlm.data.collate import Collator
 from vlm.data.corpus import write_corpus
-from vlm.data.pipeline import PipelineConfig, SkipCounter, build_dataloader
+from vlm.data.pipeline import PipelineConfig, SkipCounter, build_dataloader, expand_shards
 from vlm.data.shapes import VARIANTS, make_shapes_dataset
 from vlm.text.chat import ChatTemplate
 from vlm.text.tokenizer import Tokenizer
@@ -35,16 +34,6 @@ class ShapesSpec:
     seed: int = 0
     image_size: int = 64
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
-
-
-def expand_shards(patterns: str | list[str]) -> list[str]:
-    """Globs and brace patterns -> sorted shard paths."""
-    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
-    paths: list[str] = []
-    for pattern in patterns:
-        matches = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else PipelineConfig(shards=pattern).shards
-        paths += matches
-    return paths
 
 
 class VLMDataModule(L.LightningDataModule):

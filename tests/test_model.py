@@ -137,3 +137,20 @@ def test_user_defined_fusion_trains_one_step():
     opt.step()
     assert not torch.equal(before, model.fusion.proj.weight)
     assert model.generate([images(1)], [[1, IMAGE_ID, 3]], max_new_tokens=3)
+
+
+@pytest.mark.parametrize("fusion", ["llava", "flamingo"])
+def test_blank_image_for_text_only_batches_changes_nothing_but_touches_every_parameter(fusion):
+    model = tiny_model(fusion)
+    if fusion == "flamingo":
+        open_gates(model, 0.5)
+    set_trainable(model, "full")
+    batch = batch_from(model, [[1, 2, 3, 4], [7, 8, 9]], labels=True)
+    with torch.no_grad():
+        plain = model(batch).logits
+    model.blank_image_when_missing = True
+    out = model(batch)
+    assert torch.equal(out.logits, plain)
+    out.loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing

@@ -78,6 +78,9 @@ class VisionLanguageModel(nn.Module):
         super().__init__()
         self.config = config
         self.text, self.vision, self.fusion = text, vision, fusion
+        # Sharded multi-rank training sets this: a batch without images still runs the vision tower
+        # and the fusion on a blank image (with no effect), so every rank issues the same collectives.
+        self.blank_image_when_missing = False
 
     @property
     def tokens_per_image(self) -> int:
@@ -98,8 +101,12 @@ class VisionLanguageModel(nn.Module):
     def hidden(self, batch: Any, *, cache: Cache | None = None, state: Any = None) -> tuple[torch.Tensor, Any]:
         """The fusion loop. Returns final normalised hidden states [B, T, D] and the fusion state."""
         pixels = getattr(batch, "pixel_values", None)
-        features = self.vision(pixels) if pixels is not None and pixels.shape[0] > 0 else None
-        state = self.fusion.prepare(features, batch, state)
+        if pixels is not None and pixels.shape[0] > 0:
+            state = self.fusion.prepare(self.vision(pixels), batch, state)
+        elif self.blank_image_when_missing and state is None:
+            state = self.fusion.prepare_blank(self.vision(self._blank_image()), batch)
+        else:
+            state = self.fusion.prepare(None, batch, state)
         input_ids = batch.input_ids
         ctx = self.text.context(input_ids.shape[1], attention_mask=getattr(batch, "attention_mask", None),
                                 cache=cache, batch_size=input_ids.shape[0])
@@ -108,6 +115,11 @@ class VisionLanguageModel(nn.Module):
             h = self.fusion.before_layer(i, h, state)
             h = layer(h, ctx)
         return self.text.norm(h), state
+
+    def _blank_image(self) -> torch.Tensor:
+        weight = self.text.tok_embeddings.weight
+        size = self.vision.image_size
+        return torch.zeros(1, 3, size, size, device=weight.device, dtype=torch.float32)
 
     @torch.no_grad()
     def generate(

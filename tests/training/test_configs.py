@@ -20,13 +20,21 @@ RECIPES = [
 ]
 
 
+# Strategy and precision files compose with every recipe.
+MODIFIERS = sorted(str(p.relative_to(CONFIGS)) for folder in ("strategy", "precision") for p in (CONFIGS / folder).glob("*.yaml"))
+
+
 def test_every_shipped_yaml_is_in_a_tested_recipe():
     shipped = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml"))
-    assert len(shipped) == 8, shipped
-    assert sorted({f for recipe in RECIPES for f in recipe}) == shipped
+    assert len(shipped) == 8 + len(MODIFIERS), shipped
+    assert len(MODIFIERS) >= 2
+    assert sorted({f for recipe in RECIPES for f in recipe} | set(MODIFIERS)) == shipped
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=["+".join(r) for r in RECIPES])
+COMPOSED = [*RECIPES, *[[*recipe, extra] for recipe in RECIPES for extra in MODIFIERS]]
+
+
+@pytest.mark.parametrize("recipe", COMPOSED, ids=["+".join(r) for r in COMPOSED])
 def test_recipe_instantiates(recipe):
     args = [arg for name in recipe for arg in ("--config", str(CONFIGS / name))]
     cli = VLMCLI(args=[*args, "--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--trainer.logger", "false"], run=False)

@@ -70,6 +70,13 @@ class Fusion(nn.Module):
     def prepare(self, features: torch.Tensor | None, batch: FusionBatch, state: Any = None) -> Any:
         raise NotImplementedError
 
+    def prepare_blank(self, features: torch.Tensor, batch: FusionBatch) -> Any:
+        """State for a batch without images, from the features [1, Nv, Dv] of a blank image that
+        belongs to no row: every parameter the fusion uses for images takes part, with exactly zero
+        effect on the text. Sharded multi-rank runs need it so that all ranks run the same
+        collectives when only some have images."""
+        raise NotImplementedError(f"{type(self).__name__} does not support batches without images on some ranks")
+
     def embed(self, h: torch.Tensor, state: Any) -> torch.Tensor:
         return h
 

@@ -103,12 +103,17 @@ class GatedCrossAttentionBlock(nn.Module):
         k, v = self.to_kv(media).chunk(2, dim=-1)
         return _heads(k, self.heads), _heads(v, self.heads)
 
-    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], allowed: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        # x [B, T, D]; allowed [B, 1, T, M*L] bool; visible [B, T, 1]: the token sees some image
+    def forward(
+        self, x: torch.Tensor, media: torch.Tensor, allowed: torch.Tensor, visible: torch.Tensor,
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """x [B, T, D]; media [B, M*L, Dv]; allowed [B, 1, T, M*L] bool; visible [B, T, 1]: the token
+        sees some image. `kv` reuses keys/values from an earlier call (decoding). Returns (x, kv)."""
+        kv = self.keys_values(media) if kv is None else kv  # inside forward, so sharding wrappers see it
         q = _heads(self.to_q(self.norm(x)), self.heads)
         attn = self.to_out(_merge(F.scaled_dot_product_attention(q, *kv, attn_mask=allowed)))
         x = x + visible * torch.tanh(self.attn_gate) * attn
-        return x + visible * torch.tanh(self.ff_gate) * self.ff(x)
+        return x + visible * torch.tanh(self.ff_gate) * self.ff(x), kv
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -159,6 +164,15 @@ class FlamingoFusion(Fusion):
         media = None if num_images == 0 else self._resample(features, batch.image_sample_index, counts)
         return FlamingoState(media, media_index, media_index[:, -1])
 
+    def prepare_blank(self, features: torch.Tensor, batch: FusionBatch) -> FlamingoState:
+        # Every row gets the blank image's latents, but no token may see them: the blocks run, the
+        # update is multiplied by visible = 0.
+        latents = self.resampler(features, torch.zeros(1, dtype=torch.long, device=features.device))  # [1, L, Dv]
+        rows = batch.input_ids.shape[0]
+        media = latents[:, None].expand(rows, -1, -1, -1)  # [B, 1, L, Dv]
+        zeros = torch.zeros_like(batch.input_ids)
+        return FlamingoState(media, zeros, zeros[:, -1])
+
     def _resample(self, features: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         order = torch.sort(rows, stable=True).indices
         rows, features = rows[order], features[order]
@@ -173,17 +187,15 @@ class FlamingoFusion(Fusion):
         if state.media is None or index % self.options.cross_attn_every:
             return h
         block_index = index // self.options.cross_attn_every
-        block = self.blocks[block_index]
         B, M, L, _ = state.media.shape
-        kv = state.kv.get(block_index)
-        if kv is None:
-            kv = block.keys_values(state.media.flatten(1, 2).to(h.dtype))
-            if not torch.is_grad_enabled():  # decoding: keys/values of the images never change
-                state.kv[block_index] = kv
         key_image = torch.arange(1, M + 1, device=h.device).repeat_interleave(L)  # [M*L]
         current = state.media_index[..., None]  # [B, T, 1]
         allowed = key_image == current if self.options.only_attend_immediate else key_image <= current
         visible = current > 0
         # A token that sees no image would make an all-masked softmax (NaN); let it look, then zero it.
         allowed = allowed | ~visible
-        return block(h, kv, allowed[:, None], visible.to(h.dtype))
+        h, kv = self.blocks[block_index](h, state.media.flatten(1, 2).to(h.dtype), allowed[:, None], visible.to(h.dtype),
+                                         kv=state.kv.get(block_index))
+        if not torch.is_grad_enabled():  # decoding: keys/values of the images never change
+            state.kv[block_index] = kv
+        return h

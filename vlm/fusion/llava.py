@@ -41,6 +41,7 @@ class LlavaState:
     input_ids: torch.Tensor  # [B, T] of the current call
     image_embeds: torch.Tensor | None  # [N, Nv, D]
     counts: torch.Tensor | None  # [B] images per row
+    anchor: torch.Tensor | None = None  # 0-valued, ties a blank image's graph to the text (see prepare_blank)
 
 
 @register("llava")
@@ -64,7 +65,12 @@ class LlavaFusion(Fusion):
         order = torch.sort(batch.image_sample_index, stable=True).indices
         return LlavaState(batch.input_ids, self.projector(features[order]), counts)
 
+    def prepare_blank(self, features: torch.Tensor, batch: FusionBatch) -> LlavaState:
+        return LlavaState(batch.input_ids, None, None, anchor=self.projector(features).sum() * 0.0)
+
     def embed(self, h: torch.Tensor, state: LlavaState) -> torch.Tensor:
+        if state.anchor is not None:
+            h = h + state.anchor.to(h.dtype)
         slots = state.input_ids == self.image_token_id  # [B, T]
         found = slots.sum(-1)
         expected = (state.counts if state.counts is not None else torch.zeros_like(found)) * self.vision_tokens

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 
 from vlm.export import save_model
 from vlm.model import VisionLanguageModel, VLMConfig, build_model
@@ -18,18 +19,23 @@ from vlm.training.checkpointing import is_complete
 
 
 def model_from_checkpoint(path: str | Path) -> tuple[VisionLanguageModel, dict]:
-    """Rebuild the model of a VLMModule checkpoint (read with weights_only=True)."""
+    """Rebuild the model of a VLMModule checkpoint: a file, or the directory a sharded (FSDP2)
+    run writes. Everything is read with weights_only=True / as tensors; returns (model, metadata)."""
     path = Path(path)
+    if path.is_dir():
+        if not (path / "meta.pt").is_file():
+            raise ValueError(f"{path}: a directory but not a distributed checkpoint (no meta.pt)")
+        meta = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
+        model = _build(meta, path)
+        state = {f"model.{k}": v for k, v in model.state_dict().items()}
+        # Single-process read of every rank's shards into the full tensors (no process group needed).
+        dcp.load({"state_dict": state}, checkpoint_id=str(path))
+        model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()}, strict=True)
+        return model.eval(), meta
     if not is_complete(path):
         raise ValueError(f"{path}: missing or not a complete checkpoint")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    try:
-        config = VLMConfig.from_dict(checkpoint["hyper_parameters"]["config"])
-    except KeyError as err:
-        raise ValueError(f"{path}: not a vlm training checkpoint (no {err} entry)") from err
-    # The weights come from the checkpoint, not from the tower's original source.
-    config.vision = dataclasses.replace(config.vision, checkpoint_path=None, pretrained=False)
-    model = build_model(config)
+    model = _build(checkpoint, path)
     state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -37,9 +43,19 @@ def model_from_checkpoint(path: str | Path) -> tuple[VisionLanguageModel, dict]:
     return model.eval(), checkpoint
 
 
+def _build(checkpoint: dict, path: Path) -> VisionLanguageModel:
+    try:
+        config = VLMConfig.from_dict(checkpoint["hyper_parameters"]["config"])
+    except KeyError as err:
+        raise ValueError(f"{path}: not a vlm training checkpoint (no {err} entry)") from err
+    # The weights come from the checkpoint, not from the tower's original source.
+    config.vision = dataclasses.replace(config.vision, checkpoint_path=None, pretrained=False)
+    return build_model(config)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vlm export", description=__doc__)
-    parser.add_argument("--checkpoint", required=True, help="a .ckpt written by `vlm fit`")
+    parser.add_argument("--checkpoint", required=True, help="a .ckpt written by `vlm fit` (a file, or a sharded run's directory)")
     parser.add_argument("--out", required=True, help="the model directory to write")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the one the run trained with)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing model directory")

@@ -14,6 +14,7 @@ from vlm.eval.metrics import caption_metrics
 from vlm.model import VisionLanguageModel, VLMConfig, build_model
 from vlm.stages import set_trainable
 from vlm.training.optim import OptimConfig, build_optimizer
+from vlm.training.parallel import apply_activation_checkpointing, apply_fsdp2, blocks, unsharded_root
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ class VLMModule(L.LightningModule):
             or a directory written by `vlm export`. Loaded after `text_checkpoint`.
         optim: optimizer and schedule.
         max_nonfinite: abort after this many steps with a non-finite loss (each one is skipped).
+        activation_checkpointing: recompute each block's activations in backward (any strategy).
         caption_samples: validation rows whose captions are generated for the metrics and grid.
         max_new_tokens: generation length for those captions.
     """
@@ -44,6 +46,7 @@ class VLMModule(L.LightningModule):
         init_checkpoint: str | None = None,
         optim: OptimConfig | None = None,
         max_nonfinite: int = 10,
+        activation_checkpointing: bool = False,
         caption_samples: int = 64,
         max_new_tokens: int = 32,
     ) -> None:
@@ -53,6 +56,7 @@ class VLMModule(L.LightningModule):
         self.text_checkpoint, self.init_checkpoint = text_checkpoint, init_checkpoint
         self.optim = optim or OptimConfig()
         self.max_nonfinite = max_nonfinite
+        self.activation_checkpointing = activation_checkpointing
         self.caption_samples, self.max_new_tokens = caption_samples, max_new_tokens
         # Plain values only, so that checkpoints load with weights_only=True.
         self.save_hyperparameters({"config": config.to_dict(), "stage": stage, "include": self.include,
@@ -72,6 +76,25 @@ class VLMModule(L.LightningModule):
         if self.init_checkpoint:
             self.model.load_state_dict(initial_state(self.init_checkpoint), strict=True)
         self.parameter_table = set_trainable(self.model, self.stage, include=self.include, exclude=self.exclude)
+        self._parallelize()
+
+    def _parallelize(self) -> None:
+        """Precision conversion, activation checkpointing and FSDP2, in the order they must happen."""
+        trainer = self._trainer
+        mesh = self.device_mesh
+        if trainer is not None and trainer.world_size > 1:
+            self.model.blank_image_when_missing = True  # every rank runs the same collectives
+        if mesh is not None:
+            # Lightning converts after configure_model, too late for sharded modules (fp8 needs
+            # plain tensors); converting now is idempotent for every vlm precision plugin.
+            self.model = trainer.precision_plugin.convert_module(self.model)
+        if self.activation_checkpointing:
+            apply_activation_checkpointing(blocks(self.model))
+        if mesh is not None:
+            if mesh["tensor_parallel"].size() > 1:
+                raise NotImplementedError("tensor parallelism is not implemented: set tensor_parallel_size: 1")
+            param_dtype = torch.bfloat16 if str(trainer.precision).startswith("bf16") else None
+            apply_fsdp2(self.model, mesh["data_parallel"], param_dtype=param_dtype)
 
     def forward(self, batch: Any, **kwargs: Any):
         return self.model(batch, **kwargs)
@@ -118,9 +141,10 @@ class VLMModule(L.LightningModule):
             shown.append(row_images[0].cpu() if row_images else None)
         if not prompts:
             return []
-        outputs = self.model.generate(images, prompts, max_new_tokens=self.max_new_tokens,
-                                      stop_tokens=[tokenizer.eot_id], pad_id=tokenizer.pad_id,
-                                      vocab_size=tokenizer.vocab_size)
+        with unsharded_root(self.model):
+            outputs = self.model.generate(images, prompts, max_new_tokens=self.max_new_tokens,
+                                          stop_tokens=[tokenizer.eot_id], pad_id=tokenizer.pad_id,
+                                          vocab_size=tokenizer.vocab_size)
         return [(image, tokenizer.decode(out).strip(), ref) for image, out, ref in zip(shown, outputs, refs)]
 
     def on_validation_epoch_end(self) -> None:

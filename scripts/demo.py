@@ -15,35 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_recipe(fusion: str, out: Path, extra: list[str]) -> Path:
-    """Train with the shipped recipe, writing under `out`; returns the final checkpoint."""
-    from vlm.training.cli import VLMCLI
-
-    override = {
-        "trainer": {
-            "default_root_dir": str(out),
-            "logger": [{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(out), "name": "logs"}},
-                       {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": str(out), "name": "tb"}}],
-            "callbacks": [
-                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                 "init_args": {"dirpath": str(out / "checkpoints"), "save_last": True, "save_top_k": 0}},
-                {"class_path": "lightning.pytorch.callbacks.RichProgressBar"},
-                {"class_path": "vlm.training.CaptionGrid"},
-            ],
-        },
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "demo.yaml").write_text(yaml.safe_dump(override))
-    configs = [ROOT / "configs" / "shapes.yaml", ROOT / "configs" / "fusion" / f"{fusion}.yaml", out / "demo.yaml"]
-    args = ["fit", *[a for c in configs for a in ("--config", str(c))], *extra]
-    print("$ vlm " + " ".join(args), flush=True)
-    VLMCLI(args=args)
-    return out / "checkpoints" / "last.ckpt"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,16 +28,17 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out / args.fusion
     times: dict[str, float] = {}
 
+    from vlm.cli import main as vlm
+    from vlm.training.recipes import export, fit, recipe_files
+
     start = time.perf_counter()
-    checkpoint = run_recipe(args.fusion, out, overrides)
+    configs = recipe_files("shapes", f"fusion/{args.fusion}")
+    print("$ vlm fit " + " ".join(f"--config {c.relative_to(ROOT)}" for c in configs) + " " + " ".join(overrides), flush=True)
+    fit(configs, out, overrides=overrides)
     times["data + training"] = time.perf_counter() - start
 
-    from vlm.cli import main as vlm
-
     start = time.perf_counter()
-    model_dir = out / "model"
-    if vlm(["export", "--checkpoint", str(checkpoint), "--out", str(model_dir), "--overwrite"]) != 0:
-        return 1
+    model_dir = export(out / "checkpoints" / "last.ckpt", out / "model")
     times["export"] = time.perf_counter() - start
 
     start = time.perf_counter()

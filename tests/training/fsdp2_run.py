@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--fusion", default="llava")
+    parser.add_argument("--tensor-parallel", type=int, default=1)
     parser.add_argument("--text-only-rank", type=int, default=None)
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--plugin", default=None, help="e.g. fp8:tensorwise")
@@ -63,7 +64,8 @@ def main() -> None:
     config = tiny_model(args.fusion).config  # the tiny recipe; the module rebuilds it in configure_model
     module = VLMModule(config, stage="full", optim=OptimConfig(lr=1e-3, warmup_steps=1),
                        activation_checkpointing=args.activation_checkpointing)
-    strategy = "auto" if args.devices == 1 else ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1)
+    tp = args.tensor_parallel
+    strategy = "auto" if args.devices == 1 else ModelParallelStrategy(data_parallel_size=args.devices // tp, tensor_parallel_size=tp)
     plugins = []
     if args.plugin:
         from vlm.training.fp8 import Float8Precision
@@ -73,7 +75,7 @@ def main() -> None:
     trainer = L.Trainer(accelerator="cpu", devices=args.devices, strategy=strategy, max_steps=args.steps, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         use_distributed_sampler=False, callbacks=[losses], plugins=plugins)
-    rank, world = trainer.global_rank, trainer.world_size
+    rank, world = trainer.global_rank // tp, trainer.world_size // tp  # data-parallel rank and size
     per_rank = GLOBAL_BATCH // world
     text_only = set(range(per_rank * args.text_only_rank, per_rank * (args.text_only_rank + 1))) if args.text_only_rank is not None else set()
     helper = tiny_model(args.fusion)
@@ -81,12 +83,13 @@ def main() -> None:
             for rows, imgs in global_batches(helper, args.steps, text_only)]
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None, collate_fn=lambda b: b))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"losses_rank{rank}.json").write_text(json.dumps(losses.values))
+    if trainer.global_rank % tp == 0:  # tensor-parallel ranks share one data-parallel loss
+        (args.out / f"losses_rank{rank}.json").write_text(json.dumps(losses.values))
     trainer.save_checkpoint(args.out / "final.ckpt")
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(module.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
+    if trainer.global_rank == 0:
         save_file({k: v.contiguous() for k, v in full.items()}, args.out / "full.safetensors")
 
 

@@ -60,3 +60,14 @@ def test_a_rank_without_images_does_not_hang(tmp_path, fusion):
     run(out, "--devices", "2", "--steps", "2", "--fusion", fusion, "--text-only-rank", "1")
     assert len(losses(out, 2)) == 2
 
+
+
+def test_tensor_parallel_decoder_matches_one_process(tmp_path, single):
+    out = tmp_path / "out"
+    run(out, "--devices", "2", "--tensor-parallel", "2")
+    for a, b in zip(losses(single, 1), losses(out, 1)):  # both ranks hold the same (replicated) loss
+        assert abs(a - b) <= 1e-5 * abs(a)
+    model, _ = model_from_checkpoint(out / "final.ckpt")
+    full = load_file(out / "full.safetensors")
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, full[name]), name

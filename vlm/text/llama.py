@@ -80,19 +80,23 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-class KVCache(nn.Module):
-    """Preallocated keys and values of one attention layer: [B, n_kv_heads, max_len, head_dim]."""
+class KVCache:
+    """Keys and values of one attention layer, [B, kv_heads, max_len, head_dim], allocated once at
+    the first write (so the head count is the layer's own, also when tensor parallelism splits it)."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("k", k, persistent=False)
-        self.register_buffer("v", v, persistent=False)
+    def __init__(self, max_len: int) -> None:
+        self.max_len = max_len
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
 
     def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [B, Hkv, T, hd] at `start`; return everything written so far."""
         end = start + k.shape[2]
-        if end > self.k.shape[2]:
-            raise RuntimeError(f"KV cache overflow: {end} positions needed, {self.k.shape[2]} allocated")
+        if end > self.max_len:
+            raise RuntimeError(f"KV cache overflow: {end} positions needed, {self.max_len} allocated")
+        if self.k is None:
+            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
+            self.k, self.v = k.new_zeros(shape), v.new_zeros(shape)
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
@@ -135,15 +139,16 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        # Head counts come from the projections' outputs: tensor parallelism gives each rank a slice.
+        q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
+        v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         if ctx.cache is not None:
             k, v = ctx.cache.layers[self.layer_idx].update(ctx.start, k, v)
-        if self.n_kv_heads != self.n_heads:
+        if k.shape[1] != q.shape[1]:
             # Expanding the few kv heads is faster on CPU than SDPA's enable_gqa path.
-            repeat = self.n_heads // self.n_kv_heads
+            repeat = q.shape[1] // k.shape[1]
             k = k.repeat_interleave(repeat, dim=1)
             v = v.repeat_interleave(repeat, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.is_causal)
@@ -196,16 +201,10 @@ class Llama(nn.Module):
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 
-    def new_cache(self, batch_size: int, max_len: int, *, dtype: torch.dtype | None = None) -> Cache:
-        """Allocate a KV cache for `batch_size` rows of up to `max_len` positions."""
-        c, weight = self.config, self.tok_embeddings.weight
-        dtype = dtype or weight.dtype
-        shape = (batch_size, c.n_kv_heads, max_len, c.head_dim)
-        layers = [
-            KVCache(torch.zeros(shape, dtype=dtype, device=weight.device), torch.zeros(shape, dtype=dtype, device=weight.device))
-            for _ in range(c.n_layers)
-        ]
-        return Cache(layers, batch_size, max_len, weight.device)
+    def new_cache(self, batch_size: int, max_len: int) -> Cache:
+        """A KV cache for `batch_size` rows of up to `max_len` positions (memory taken at first use)."""
+        layers = [KVCache(max_len) for _ in range(self.config.n_layers)]
+        return Cache(layers, batch_size, max_len, self.tok_embeddings.weight.device)
 
     def context(
         self, seq_len: int, *, attention_mask: torch.Tensor | None = None, cache: Cache | None = None, batch_size: int = 1

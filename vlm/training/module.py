@@ -14,7 +14,8 @@ from vlm.eval.metrics import caption_metrics
 from vlm.model import VisionLanguageModel, VLMConfig, build_model
 from vlm.stages import set_trainable
 from vlm.training.optim import OptimConfig, build_optimizer
-from vlm.training.parallel import apply_activation_checkpointing, apply_fsdp2, blocks, unsharded_root
+from vlm.training.parallel import (apply_activation_checkpointing, apply_fsdp2, apply_tensor_parallel, blocks,
+                                   unsharded_root)
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ class VLMModule(L.LightningModule):
         """Precision conversion, activation checkpointing and FSDP2, in the order they must happen."""
         trainer = self._trainer
         mesh = self.device_mesh
-        if trainer is not None and trainer.world_size > 1:
+        if mesh is not None and mesh["data_parallel"].size() > 1:
             self.model.blank_image_when_missing = True  # every rank runs the same collectives
         if mesh is not None:
             # Lightning converts after configure_model, too late for sharded modules (fp8 needs
@@ -92,9 +93,10 @@ class VLMModule(L.LightningModule):
             apply_activation_checkpointing(blocks(self.model))
         if mesh is not None:
             if mesh["tensor_parallel"].size() > 1:
-                raise NotImplementedError("tensor parallelism is not implemented: set tensor_parallel_size: 1")
-            param_dtype = torch.bfloat16 if str(trainer.precision).startswith("bf16") else None
-            apply_fsdp2(self.model, mesh["data_parallel"], param_dtype=param_dtype)
+                apply_tensor_parallel(self.model.text, mesh["tensor_parallel"])
+            if mesh["data_parallel"].size() > 1:
+                param_dtype = torch.bfloat16 if str(trainer.precision).startswith("bf16") else None
+                apply_fsdp2(self.model, mesh["data_parallel"], param_dtype=param_dtype)
 
     def forward(self, batch: Any, **kwargs: Any):
         return self.model(batch, **kwargs)

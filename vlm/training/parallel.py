@@ -76,6 +76,22 @@ def apply_fsdp2(model: nn.Module, mesh: Any, *, param_dtype: torch.dtype | None 
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
 
 
+def apply_tensor_parallel(text: nn.Module, mesh: Any) -> None:
+    """Megatron-style tensor parallelism inside each decoder layer: q/k/v and the SwiGLU up
+    projections split by output features, o and the down projection by input features (one
+    all-reduce each). Attention heads are split across ranks; embeddings and the head stay whole."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    size, config = mesh.size(), text.config
+    if config.n_kv_heads % size or config.hidden_dim % size:
+        raise ValueError(f"tensor_parallel_size {size} must divide n_kv_heads ({config.n_kv_heads}) and hidden_dim ({config.hidden_dim})")
+    plan = {"attention.wq": ColwiseParallel(), "attention.wk": ColwiseParallel(), "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(), "feed_forward.w1": ColwiseParallel(), "feed_forward.w3": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel()}
+    for layer in text.layers:
+        parallelize_module(layer, mesh, plan)
+
+
 class unsharded_root:
     """Gather the root's parameters for code that does not go through the root's forward
     (`generate`, which calls the pieces directly); a no-op for unsharded models."""

@@ -1,0 +1,61 @@
+"""Run a shipped recipe from Python (scripts and notebooks): `vlm fit` with every output under one
+folder, then `vlm export`. The same code path as the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from vlm.training.cli import VLMCLI
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def recipe_files(*names: str) -> list[Path]:
+    """`recipe_files("shapes", "fusion/llava")` -> the YAML paths in configs/."""
+    paths = [CONFIGS / f"{name.removesuffix('.yaml')}.yaml" for name in names]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"no recipe {missing}; see {CONFIGS}")
+    return paths
+
+
+def fit(configs: list[str | Path], out: str | Path, *, overrides: list[str] = (), progress_bar: bool = True) -> VLMCLI:
+    """`vlm fit --config ...` with logs, checkpoints and caption grids under `out`.
+
+    `overrides` are command-line flags, e.g. ["--trainer.max_steps=200"]. Returns the CLI object
+    (`.trainer`, `.model`, `.datamodule`); the last checkpoint is `out/checkpoints/last.ckpt`.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    callbacks = [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"dirpath": str(out / "checkpoints"), "save_last": True, "save_top_k": 0}},
+        {"class_path": "vlm.training.CaptionGrid"},
+    ]
+    if progress_bar:
+        callbacks.append({"class_path": "lightning.pytorch.callbacks.RichProgressBar"})
+    placement = {"trainer": {
+        "default_root_dir": str(out),
+        "enable_progress_bar": progress_bar,
+        "logger": [{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(out), "name": "logs"}},
+                   {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": str(out), "name": "tb"}}],
+        "callbacks": callbacks,
+    }}
+    (out / "placement.yaml").write_text(yaml.safe_dump(placement))
+    files = [*map(Path, configs), out / "placement.yaml"]
+    args = ["fit", *[a for f in files for a in ("--config", str(f))], *overrides]
+    return VLMCLI(args=args)
+
+
+def export(checkpoint: str | Path, out: str | Path, *, tokenizer: str | Path | None = None) -> Path:
+    """`vlm export`: a checkpoint -> a model directory `vlm.load_model` reads. Returns `out`."""
+    from vlm.training.export import main
+
+    args = ["--checkpoint", str(checkpoint), "--out", str(out), "--overwrite"]
+    if tokenizer is not None:
+        args += ["--tokenizer", str(tokenizer)]
+    if main(args) != 0:
+        raise RuntimeError(f"export of {checkpoint} failed (see the message above)")
+    return Path(out)

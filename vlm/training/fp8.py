@@ -51,15 +51,16 @@ log = logging.getLogger(__name__)
 
 Recipe = Literal["tensorwise", "rowwise", "delayed"]
 RECIPES: tuple[str, ...] = ("tensorwise", "rowwise", "delayed")
-DEFAULT_EXCLUDE: tuple[str, ...] = ("output", "text.output", "fusion.projector", "*gate")
+DEFAULT_EXCLUDE: tuple[str, ...] = ("text.output", "fusion.projector", "*gate")
 ModuleFilter = Callable[[nn.Module, str], bool]
 
 
 def float8_filter(*, min_features: int = 64, exclude: Sequence[str] = DEFAULT_EXCLUDE) -> ModuleFilter:
     """A `(module, fqn) -> bool` filter: True for the nn.Linear layers to run in fp8.
 
-    `exclude` holds fnmatch patterns matched against the fqn and each of its dotted prefixes, so
-    `fusion.projector` excludes `fusion.projector.0` and `*gate` excludes `blocks.0.ff_gate`.
+    `exclude` holds fnmatch patterns matched against every run of whole dotted segments of the fqn,
+    so `text.output` excludes `model.text.output` (the LightningModule's view), `fusion.projector`
+    excludes `fusion.projector.0`, and `*gate` excludes `blocks.0.ff_gate` but not `gate_proj`.
     """
 
     def eligible(module: nn.Module, fqn: str) -> bool:
@@ -70,8 +71,8 @@ def float8_filter(*, min_features: int = 64, exclude: Sequence[str] = DEFAULT_EX
         if min(module.in_features, module.out_features) < min_features:
             return False
         parts = fqn.split(".")
-        prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
-        return not any(fnmatch.fnmatchcase(p, pattern) for p in prefixes for pattern in exclude)
+        runs = {".".join(parts[i:j]) for i in range(len(parts)) for j in range(i + 1, len(parts) + 1)}
+        return not any(fnmatch.fnmatchcase(run, pattern) for run in runs for pattern in exclude)
 
     return eligible
 
@@ -96,8 +97,8 @@ def convert_to_float8(model: nn.Module, *, recipe: Recipe, module_filter: Module
     (a new module only when `model` itself is an eligible Linear).
 
     Idempotent: layers already converted with `recipe` are left alone; a model converted with another
-    recipe is an error. Call it before `fully_shard` (FSDP2) and before building the optimizer
-    (tensorwise/rowwise keep the parameters; delayed wraps the same Parameter objects).
+    recipe is an error. Call it before `fully_shard` (FSDP2). The new layers hold the very same
+    Parameter objects under the same names, so freezing, optimizer groups and checkpoints carry over.
 
     Args:
         recipe: `tensorwise`, `rowwise` or `delayed`.

@@ -11,8 +11,8 @@ the scaled range saturate to +-fp8_max. The matmuls run in `torch._scaled_mm` (C
 fp8-capable GPUs) with fp32 or bf16 output, and as a dequantised matmul where it cannot run.
 
 Deviations from Transformer Engine, on purpose:
-- An empty history (nothing recorded yet: the first step, or a frozen tower kept in eval mode) scales
-  just in time from the tensor's own amax, rather than casting the first step with scale 1.
+- Until a first amax is recorded (the first step, or always for a frozen tower kept in eval mode),
+  casts scale just in time from the tensor's own amax, rather than with an arbitrary scale of 1.
 - Only training-mode calls record (validation and generation leave the history alone).
 - In a process group the amax of inputs and gradients is all-reduced (max) before it is recorded,
   so every rank holds the same history and scales (weights are identical on every rank at compute
@@ -36,7 +36,11 @@ E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 
 
 class Float8Scaling(nn.Module):
-    """Amax history and current scale of one fp8 cast. Buffers: amax_history [L], scale [] (fp32)."""
+    """Amax history and current scale of one fp8 cast.
+
+    Buffers: amax_history [L] and scale [] (fp32), and `recorded` [] (bool: an amax was recorded).
+    A NaN or inf amax stays in the history, so the scale is held until it leaves the window.
+    """
 
     def __init__(self, fp8_dtype: torch.dtype, *, history_len: int = 16, margin: int = 0, reduce: bool = True,
                  device: torch.device | str | None = None) -> None:
@@ -47,12 +51,14 @@ class Float8Scaling(nn.Module):
         self.fp8_max = torch.finfo(fp8_dtype).max
         self.register_buffer("amax_history", torch.zeros(history_len, device=device), persistent=False)
         self.register_buffer("scale", torch.ones((), device=device), persistent=False)
+        self.register_buffer("recorded", torch.zeros((), dtype=torch.bool, device=device), persistent=False)
 
     def reset_parameters(self) -> None:
         """Empty history, unit scale (also how meta-device materialisation initialises the buffers)."""
         with torch.no_grad():
             self.amax_history.zero_()
             self.scale.fill_(1.0)
+            self.recorded.fill_(False)
 
     def scale_from(self, amax: torch.Tensor) -> torch.Tensor:
         """fp8_max / (amax * 2**margin), or the current scale when amax is 0, inf or NaN."""
@@ -68,14 +74,14 @@ class Float8Scaling(nn.Module):
         amax = tensor.abs().amax().float() if tensor.numel() else torch.zeros((), device=tensor.device)
         if record and self.reduce and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(amax, op=dist.ReduceOp.MAX)
-        empty = (self.amax_history == 0).all()
-        scale = torch.where(empty, self.scale_from(amax), self.scale)
+        scale = torch.where(self.recorded, self.scale, self.scale_from(amax))
         # Saturate: an outlier above the history's range becomes fp8_max instead of NaN (e4m3fn has no inf).
         fp8 = (tensor.float() * scale).clamp(-self.fp8_max, self.fp8_max).to(self.fp8_dtype)
         if record:
             self.amax_history.copy_(torch.roll(self.amax_history, 1))
             self.amax_history[0] = amax
             self.scale.copy_(self.scale_from(self.amax_history.max()))
+            self.recorded.fill_(True)
         return fp8, scale.reciprocal()
 
 
@@ -171,9 +177,8 @@ def float8_state(model: nn.Module) -> dict[str, torch.Tensor]:
     state = {}
     for name, module in model.named_modules():
         if isinstance(module, Float8Scaling):
-            key = _plain_name(name)
-            state[f"{key}.amax_history"] = module.amax_history.detach().clone()
-            state[f"{key}.scale"] = module.scale.detach().clone()
+            for buffer_name, buffer in module.named_buffers(recurse=False):
+                state[f"{_plain_name(name)}.{buffer_name}"] = buffer.detach().clone()
     return state
 
 
@@ -182,8 +187,8 @@ def load_float8_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     buffers = {}
     for name, module in model.named_modules():
         if isinstance(module, Float8Scaling):
-            key = _plain_name(name)
-            buffers[f"{key}.amax_history"], buffers[f"{key}.scale"] = module.amax_history, module.scale
+            for buffer_name, buffer in module.named_buffers(recurse=False):
+                buffers[f"{_plain_name(name)}.{buffer_name}"] = buffer
     missing, unexpected = sorted(set(buffers) - set(state)), sorted(set(state) - set(buffers))
     if missing or unexpected:
         raise ValueError(f"fp8 delayed-scaling state does not match the model: missing {missing[:4]}"

@@ -11,6 +11,7 @@ import logging
 import os
 from typing import Any
 
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
@@ -24,11 +25,15 @@ log = logging.getLogger(__name__)
 
 class VLMCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, **kwargs: Any) -> None:
+        # Recipes write ${model.config.fusion.name}: paths from the subcommand's root, not "fit.".
+        set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
         super().__init__(
             VLMModule,
             VLMDataModule,
             args=args,
             save_config_kwargs={"overwrite": True},  # a second run in the same directory is fine
+            # ${...} interpolation over the merged recipe, e.g. output folders named after the fusion
+            parser_kwargs={"parser_mode": "omegaconf+"},
             **kwargs,
         )
 

@@ -1,0 +1,55 @@
+"""Every command of the README's quick tour runs, in order, with tiny settings."""
+
+import random
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vlm.cli import main
+from vlm.data.shapes import draw_scene
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {
+    "trainer": {"max_steps": 4, "val_check_interval": 4, "limit_val_batches": 1, "log_every_n_steps": 1},
+    "model": {"config": {"text": {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 128},
+                         "vision": {"name": "timm", "model": "vit_tiny_patch16_224", "frozen": False, "feature_layer": -1,
+                                    "model_kwargs": {"img_size": 64, "patch_size": 16, "embed_dim": 32, "depth": 2, "num_heads": 2}}},
+              "caption_samples": 4, "max_new_tokens": 8},
+    "data": {"batch_size": 8, "num_workers": 0, "shuffle_buffer": 20, "shapes": None},
+}
+
+
+def quick_tour() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    block = text.split("## Quick tour", 1)[1].split("\n\n", 2)[1]
+    return [line.strip() for line in block.splitlines() if line.strip().startswith("vlm ")]
+
+
+def tiny(command: str) -> list[str]:
+    """The same command with tiny sizes: fewer samples, a tiny model, a few steps."""
+    command = command.split("#", 1)[0]
+    command = re.sub(r"--train \d+", "--train 120", re.sub(r"--val \d+", "--val 24", command))
+    args = shlex.split(command)[1:]
+    if args[0] == "fit":
+        args += ["--config", "tiny.yaml"]
+    if args[0] == "data":
+        args += ["--no-progress"]
+    return args
+
+
+@pytest.mark.slow
+def test_quick_tour_commands_run(tmp_path, monkeypatch):
+    commands = quick_tour()
+    assert [c.split()[1] for c in commands] == ["data", "fit", "fit", "fit", "export", "caption", "evaluate"]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    draw_scene(random.Random(0))[0].save(tmp_path / "image.png")
+    for command in commands:
+        assert main(tiny(command)) == 0, command
+    assert (tmp_path / "outputs" / "shapes" / "llava" / "model" / "config.json").exists()
+    assert (tmp_path / "outputs" / "shapes" / "llava" / "model" / "eval" / "report.json").exists()
+    assert (tmp_path / "outputs" / "shapes" / "flamingo" / "checkpoints" / "last.ckpt").exists()

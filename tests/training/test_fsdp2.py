@@ -71,3 +71,17 @@ def test_tensor_parallel_decoder_matches_one_process(tmp_path, single):
     full = load_file(out / "full.safetensors")
     for name, value in model.state_dict().items():
         assert torch.equal(value, full[name]), name
+
+
+@pytest.mark.parametrize("recipe, tolerance", [
+    # Dynamic scales come from each rank's own activations (half the batch), so rounding differs a little.
+    ("tensorwise", 5e-4),
+    # Delayed scaling all-reduces the amaxes: every rank casts with the single-process scales.
+    ("delayed", 1e-5),
+])
+def test_fp8_under_fsdp2_matches_single_process_fp8(tmp_path, recipe, tolerance):
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(one, "--devices", "1", "--plugin", f"fp8:{recipe}")
+    run(two, "--devices", "2", "--plugin", f"fp8:{recipe}")
+    for a, b in zip(losses(one, 1), losses(two, 2)):
+        assert abs(a - b) <= tolerance * abs(a), (losses(one, 1), losses(two, 2))

@@ -1,0 +1,571 @@
+"""`vlm memory --config A.yaml [--config B.yaml ...] [--devices N] [--batch-size B] [--seq-len T]`:
+the memory one device needs to train a recipe, known before launching it.
+
+The YAMLs are composed as `vlm fit` composes them; the model is built on the meta device (no
+memory, no weights read) with the recipe's stage freezing, so parameter counts and the trained
+parts are exact. The rest is derived from shapes, for one steady-state training step:
+
+- weights, gradients and AdamW's two moments, in the parameters' dtype. Lightning's mixed precision
+  keeps fp32 parameters: they are the master weights, there is no third copy. FSDP (`fsdp`, an
+  FSDPStrategy; its sharding_strategy) and FSDP2 (ModelParallelStrategy) divide them by the shard
+  count; DDP and a single device do not, and DDP adds its gradient buckets.
+- weight copies: the low-precision casts autocast keeps for the backward of every linear autograd
+  runs through; under FSDP, the unsharded root plus two blocks (running and prefetched).
+- activations: the tensors autograd saves, layer by layer, with SDPA's flash path (no T x T matrix;
+  a padded batch's mask is not counted). A frozen linear keeps no input; a frozen vision tower runs
+  without autograd. With activation checkpointing (`activation_checkpointing` on the model or the
+  strategy; both columns are printed) each block keeps its inputs, plus one block recomputed.
+- the loss (`vlm.text.loss`, fused and chunked): d loss/d hidden and, if the output matrix trains,
+  its fp32 gradient; one chunk's logits at a time.
+- the peak transient: Lightning zeroes the previous gradients after the forward, so the peak is
+  either the end of the forward (old gradients + the loss chunk) or a block's backward (its
+  gradient temporaries; with checkpointing, while the new gradients build up).
+
+fp8 (`vlm.training.fp8.Float8Precision`): the plugin's own filter picks the fp8 linears. Our
+`delayed` recipe keeps their inputs and weights as 1-byte casts; torchao's `tensorwise` and
+`rowwise` keep the high-precision (autocast) input, so those count as bf16. fp8 layers of a trained
+vision tower are counted as bf16 (approximation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import math
+import sys
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
+from torch import nn
+
+from vlm.model import VisionLanguageModel, VLMConfig, build_model
+from vlm.stages import ParameterTable, set_trainable
+from vlm.text.loss import fused_linear_cross_entropy
+from vlm.training.cli import VLMCLI
+
+CE_CHUNK = inspect.signature(fused_linear_cross_entropy).parameters["chunk_size"].default
+# trainer.precision: (parameter bytes, matmul/attention bytes, residual-stream bytes, autocast)
+PRECISIONS = {"32-true": (4, 4, 4, False), "bf16-mixed": (4, 2, 4, True), "16-mixed": (4, 2, 4, True),
+              "bf16-true": (2, 2, 2, False), "16-true": (2, 2, 2, False)}
+ALIASES = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str
+    param: int  # bytes of a parameter, its gradient and each AdamW moment
+    compute: int  # bytes of the matmul and attention tensors saved for backward
+    residual: int  # bytes of the residual stream and the norm outputs
+    autocast: bool  # ops cast their inputs: each linear keeps its own cast, and a weight cast
+    fp8_recipe: str | None = None
+    fp8_filter: Any = None  # (module, fqn) -> bool: the linears the fp8 plugin converts
+
+    def fp8(self, module: nn.Module, fqn: str) -> bool:
+        return self.fp8_filter is not None and self.fp8_filter(module, fqn)
+
+    def dtype(self, size: int) -> str:
+        return {4: "fp32", 2: "fp16" if self.name.startswith("16") else "bf16", 1: "fp8"}[size]
+
+    def casts(self, strategy: Strategy) -> bool:
+        """Autocast keeps weight casts, unless FSDP already gathers the weights in the compute dtype."""
+        return self.autocast and not (strategy.gathers and strategy.gather_bytes == self.compute)
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    devices: int
+    weight_shards: int  # weights are divided by this
+    state_shards: int  # gradients and optimizer state are divided by this
+    gather_bytes: int | None  # FSDP: bytes per element of the unsharded working parameters
+    ddp: bool
+    checkpointing: bool
+    tensor_parallel: int = 1  # decoder linears split Megatron-style (FSDP2 only)
+    offload: bool = False  # FSDP cpu_offload: sharded weights, gradients, optimizer live in host memory
+
+    def tensor_split(self, name: str) -> int:
+        """How many ways tensor parallelism splits parameter `name` (decoder linears only)."""
+        split = name.startswith("text.layers.") and (".attention.w" in name or ".feed_forward.w" in name)
+        return self.tensor_parallel if split else 1
+
+    @property
+    def gathers(self) -> bool:
+        """FSDP gathers each unit's sharded weights before using them."""
+        return self.gather_bytes is not None and self.weight_shards > 1
+
+
+def resolve_precision(trainer: Mapping[str, Any]) -> Precision:
+    """From `trainer.plugins` (the fp8 plugin, or one with a `precision` argument) or `trainer.precision`."""
+    plugins = trainer.get("plugins") or []
+    for plugin in [plugins] if isinstance(plugins, Mapping) else plugins:  # one plugin, or a list
+        cls, args = _class_and_args(plugin)
+        if cls is not None and cls.__name__ == "Float8Precision":
+            args = {**{k: p.default for k, p in inspect.signature(cls).parameters.items()}, **args}
+            compute = 2 if args.get("autocast_dtype") else 4  # bf16 autocast on CUDA, the machine we estimate for
+            return Precision(f"fp8 {args['recipe']}", 4, compute, 4, compute == 2, args["recipe"], cls(**args).module_filter)
+        if "precision" in args:
+            trainer = {**trainer, "precision": args["precision"]}
+    name = str(trainer.get("precision") or "32-true")
+    name = ALIASES.get(name, name)
+    if name not in PRECISIONS:
+        raise ValueError(f"trainer.precision {name!r} is not supported; use one of {sorted(PRECISIONS)} or the fp8 plugin")
+    return Precision(name, *PRECISIONS[name])
+
+
+def resolve_strategy(trainer: Mapping[str, Any], model: Mapping[str, Any], precision: Precision, devices: int | None) -> Strategy:
+    """Sharding and activation checkpointing of `trainer.strategy` (a name or a class_path entry)."""
+    spec = trainer.get("strategy") or "auto"
+    cls, args = _class_and_args(spec)
+    per_node = devices or _device_count(trainer.get("devices"))
+    world = devices or per_node * int(trainer.get("num_nodes") or 1)
+    kind = _strategy_kind(spec, cls, world)
+    weight = state = tp = 1
+    gather = None
+    if kind == "fsdp":
+        mode = str(getattr(args.get("sharding_strategy"), "name", args.get("sharding_strategy") or "FULL_SHARD"))
+        group = min(per_node, world) if "HYBRID" in mode else world
+        weight = 1 if mode in ("NO_SHARD", "SHARD_GRAD_OP", "_HYBRID_SHARD_ZERO2") else group
+        state = 1 if mode == "NO_SHARD" else group
+        gather = 2 if precision.name.startswith(("bf16", "16")) else precision.param  # Lightning's FSDPPrecision
+    elif kind == "fsdp2":  # Lightning's "auto": tensor parallel over a node's devices, data parallel across nodes
+        tp = args.get("tensor_parallel_size", "auto")
+        tp = min(per_node, world) if tp == "auto" else int(tp)
+        size = args.get("data_parallel_size", "auto")
+        weight = state = max(world // tp, 1) if size == "auto" else int(size)
+        gather = 2 if precision.name.startswith("bf16") else precision.param  # VLMModule's MixedPrecisionPolicy
+    flags = [model.get("activation_checkpointing")] + [args.get(k) for k in ("activation_checkpointing", "activation_checkpointing_policy")]
+    name = spec if cls is None else cls.__name__
+    return Strategy(f"{name} ({kind})", world, weight, state, gather, kind == "ddp" and world > 1, any(bool(f) for f in flags),
+                    tp, bool(args.get("cpu_offload")))
+
+
+def _strategy_kind(spec: Any, cls: type | None, world: int) -> str:
+    if cls is None:
+        name = str(spec)
+        named = {"auto": "ddp" if world > 1 else "single", "single_device": "single", "model_parallel": "fsdp2"}
+        kind = named.get(name) or next((k for k in ("ddp", "fsdp") if name.startswith(k)), None)
+    else:
+        bases = ((ModelParallelStrategy, "fsdp2"), (FSDPStrategy, "fsdp"), (DDPStrategy, "ddp"), (SingleDeviceStrategy, "single"))
+        kind = next((k for base, k in bases if issubclass(cls, base)), None)
+    if kind is None:
+        raise ValueError(f"trainer.strategy {spec!r} is not supported here: use auto, ddp, fsdp or ModelParallelStrategy (FSDP2)")
+    return kind
+
+
+def _class_and_args(spec: Any) -> tuple[type | None, dict[str, Any]]:
+    if not isinstance(spec, Mapping):
+        return None, {}
+    module, _, name = spec["class_path"].rpartition(".")
+    return getattr(importlib.import_module(module), name), dict(spec.get("init_args") or {})
+
+
+def _device_count(devices: Any) -> int:
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    return int(devices) if str(devices).isdigit() and int(devices) > 0 else 1  # "auto", -1: see --devices
+
+
+@dataclass(frozen=True)
+class Shapes:
+    batch_size: int  # per device
+    seq_len: int  # text positions, image tokens included
+    images_per_sample: int = 1
+
+
+@dataclass
+class Part:
+    """Activation bytes of one part: `other`, and checkpointable units as (all saved, inputs)."""
+
+    other: int = 0
+    units: list[tuple[int, int]] = field(default_factory=list)
+
+
+def _trains(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+class Activations:
+    """What autograd keeps for backward in one forward, per part, from the model's shapes."""
+
+    FUSIONS = ("llava", "flamingo")  # the fusions whose activations are modeled
+
+    def __init__(self, model: VisionLanguageModel, precision: Precision, shapes: Shapes, *, tensor_parallel: int = 1) -> None:
+        self.model, self.p, self.s, self.tp = model, precision, shapes, tensor_parallel
+        self.images = shapes.batch_size * shapes.images_per_sample
+        self.rows = shapes.batch_size * shapes.seq_len  # text positions
+        self.vision_grad = _trains(model.vision)
+        text = model.text
+        self.upstream = self.vision_grad or _trains(model.fusion) or text.tok_embeddings.weight.requires_grad
+        self.text_grad = self.upstream or _trains(text.layers) or text.norm.weight.requires_grad
+
+    def parts(self) -> dict[str, Part]:
+        name = self.model.config.fusion.name
+        fusion = getattr(self, name)() if name in self.FUSIONS else Part()
+        return {"vision": self.vision(), "fusion": fusion, "text": self.text(), "loss": self.loss()}
+
+    def linear_inputs(self, linears: Sequence[tuple[str, nn.Module]], *, src: int, saved: bool = False) -> int:
+        """Bytes per row that linears reading one tensor (`src` bytes an element) keep of it;
+        `saved`: another op keeps that tensor already."""
+        own, shared = 0, False
+        for fqn, linear in linears:
+            fp8 = self.p.fp8(linear, fqn)
+            if not (linear.weight.requires_grad or fp8):  # the input's gradient needs only the weight
+                continue
+            if fp8 and self.p.fp8_recipe == "delayed":
+                own += linear.in_features  # its e4m3 cast
+            elif self.p.autocast and src != self.p.compute:
+                own += linear.in_features * self.p.compute  # its own cast
+            else:
+                shared = True
+        return own + (linears[0][1].in_features * src if shared and not saved else 0)
+
+    def text(self) -> Part:
+        text, p, c = self.model.text, self.p, self.model.text.config
+        part = Part(other=8 * self.rows if text.tok_embeddings.weight.requires_grad else 0)  # token ids
+        grad = self.upstream
+        for i, layer in enumerate(text.layers):
+            grad = grad or _trains(layer)
+            part.units.append((self.decoder_layer(i, layer), c.dim * p.residual * self.rows) if grad else (0, 0))
+        if self.text_grad:
+            part.other += 2 * c.head_dim * p.residual * self.rows  # RoPE cos and sin, shared by the layers
+            part.other += (4 * c.dim + 4 + (c.dim * p.residual if text.norm.weight.requires_grad else 0)) * self.rows
+        return part
+
+    def decoder_layer(self, index: int, layer: nn.Module) -> int:
+        p, c = self.p, self.model.text.config
+        D, F = c.dim, c.hidden_dim
+
+        def linears(*names: str) -> list[tuple[str, nn.Module]]:
+            return [(f"text.layers.{index}.{n}", layer.get_submodule(n)) for n in names]
+
+        row = 2 * (4 * D + 4)  # each RMSNorm keeps its input (in fp32) and 1/rms
+        row += sum(D * p.residual for n in (layer.attention_norm, layer.ffn_norm) if n.weight.requires_grad)
+        row += self.linear_inputs(linears("attention.wq", "attention.wk", "attention.wv"), src=p.residual)
+        row += self.linear_inputs(linears("feed_forward.w1", "feed_forward.w3"), src=p.residual)
+        split = 4 * D * p.compute + 4 * c.n_heads  # SDPA: q, k and v (kv heads repeated), output; logsumexp
+        split += self.linear_inputs(linears("attention.wo"), src=p.compute, saved=True)
+        split += 3 * F * p.compute  # SwiGLU: w1 x (for silu), silu(w1 x) and w3 x (for their product)
+        split += self.linear_inputs(linears("feed_forward.w2"), src=p.compute)
+        return (row + split // self.tp) * self.rows  # tensor parallelism splits heads and hidden features
+
+    def vision(self) -> Part:
+        """A trained tower: pre-norm ViT blocks over all tokens (prefix tokens included)."""
+        encoder, p = self.model.vision, self.p
+        if not self.vision_grad:
+            return Part()  # runs without autograd
+        inner = getattr(encoder, "model", None) or getattr(encoder, "visual", None) or encoder
+        prefix = getattr(inner, "num_prefix_tokens", 1 if hasattr(inner, "class_embedding") else 0)
+        rows = self.images * (encoder.num_tokens + (0 if encoder.keep_prefix_tokens else prefix))
+        cast = p.compute if p.autocast else p.residual
+        part = Part(other=self.images * 3 * encoder.image_size**2 * p.compute + rows * encoder.dim * p.residual)  # patch embedding
+        for block in vision_blocks(encoder):
+            D = next(m for m in block.modules() if isinstance(m, nn.LayerNorm)).normalized_shape[0]
+            F = max(m.in_features for m in block.modules() if isinstance(m, nn.Linear))
+            heads = next((m.num_heads for m in block.modules() if hasattr(m, "num_heads")), 1)
+            quick = any(type(m).__name__ == "QuickGELU" for m in block.modules())  # x * sigmoid(1.702 x) keeps one more
+            row = 2 * (D * p.residual + 8) + 2 * D * cast  # two LayerNorms: inputs, statistics, outputs
+            row += 4 * D * p.compute + 4 * heads  # qkv output (SDPA's q, k, v), SDPA output; logsumexp
+            row += (2 + quick) * F * p.compute  # MLP hidden, before and after the activation
+            part.units.append((row * rows, D * p.residual * rows))
+        return part
+
+    def llava(self) -> Part:
+        """The projector over every image token, and the splice's placeholder mask."""
+        fusion, p = self.model.fusion, self.p
+        if not (self.vision_grad or _trains(fusion)):
+            return Part()
+        row, src, width = 0, p.residual, 0  # the projector reads a copy of the features (images sorted by row)
+        for name, module in fusion.projector.named_children():
+            if isinstance(module, nn.Linear):
+                row += self.linear_inputs([(f"fusion.projector.{name}", module)], src=src)
+                src, width = p.compute, module.out_features
+            else:
+                row += width * p.compute  # the activation keeps its input
+        return Part(other=row * self.images * fusion.vision_tokens + self.rows)
+
+    def flamingo(self) -> Part:
+        fusion, p = self.model.fusion, self.p
+        if not (self.upstream or _trains(fusion)):
+            return Part()
+        media_rows = self.images * fusion.options.num_latents  # every image's latents
+        part = Part(other=media_rows * fusion.resampler.latents.shape[1] * p.residual)  # read by every block
+        part.units.append(self.resampler(fusion))
+        part.units += [self.cross_attention(k, block, media_rows) for k, block in enumerate(fusion.blocks)]
+        return part
+
+    def resampler(self, fusion: nn.Module) -> tuple[int, int]:
+        p, o, r = self.p, fusion.options, fusion.resampler
+        Dv, L, Nv = r.latents.shape[1], o.num_latents, self.model.vision.num_tokens
+        inner = o.resampler_heads * o.resampler_head_dim
+        per_image = Nv * Dv * p.residual  # features + media position, read by every layer's norm
+        for i, (attention, ff) in enumerate(r.layers):
+            fq = f"fusion.resampler.layers.{i}"
+            per_image += Nv * 8 + L * ((Dv * p.residual if i else 0) + 8)  # norm inputs and statistics
+            per_image += L * self.linear_inputs([(f"{fq}.0.to_q", attention.to_q)], src=p.residual)
+            per_image += (Nv + L) * self.linear_inputs([(f"{fq}.0.to_kv", attention.to_kv)], src=p.residual)
+            per_image += L * (2 * inner * p.compute + 4 * o.resampler_heads) + (Nv + L) * 2 * inner * p.compute  # SDPA
+            per_image += L * (Dv * p.residual + 8 + o.ff_mult * Dv * p.compute)  # feed-forward norm, GELU input
+            per_image += L * (self.linear_inputs([(f"{fq}.1.1", ff[1])], src=p.residual)
+                              + self.linear_inputs([(f"{fq}.1.3", ff[3])], src=p.compute))
+        per_image += L * (Dv * p.residual + 8)  # final norm
+        return per_image * self.images, Nv * Dv * p.residual * self.images
+
+    def cross_attention(self, index: int, block: nn.Module, media_rows: int) -> tuple[int, int]:
+        p, o, D = self.p, self.model.fusion.options, self.model.text.config.dim
+        inner, fq = o.cross_attn_heads * o.cross_attn_head_dim, f"fusion.blocks.{index}"
+        mask = media_rows // self.s.batch_size  # bool [B, 1, T, M*L], made for every block
+        row = 2 * (D * p.residual + 8) + mask  # two LayerNorms: inputs and statistics
+        row += self.linear_inputs([(f"{fq}.to_q", block.to_q)], src=p.residual)
+        row += 2 * inner * p.compute + 4 * o.cross_attn_heads  # SDPA: q, output; logsumexp
+        row += 2 * D * p.compute if block.attn_gate.requires_grad else 0  # both branches, for the gates
+        row += self.linear_inputs([(f"{fq}.ff.1", block.ff[1])], src=p.residual) + o.ff_mult * D * p.compute
+        row += self.linear_inputs([(f"{fq}.ff.3", block.ff[3])], src=p.compute)
+        media = self.linear_inputs([(f"{fq}.to_kv", block.to_kv)], src=p.residual, saved=True)  # own casts only
+        keys = media_rows * (2 * inner * p.compute + media)  # k and v
+        return row * self.rows + keys, (D * p.residual + mask) * self.rows
+
+    def loss(self) -> Part:
+        """The fused loss keeps d loss/d hidden, and the output matrix's fp32 gradient if it trains."""
+        weight, p = self.model.text.output.weight, self.p
+        V, D = weight.shape
+        return Part(other=(self.rows * D * p.residual if self.text_grad else 0) + (V * D * 4 if weight.requires_grad else 0))
+
+    def workspace(self) -> tuple[int, int]:
+        """Transients of (the end of the forward, a decoder layer's backward). The loss: its hidden
+        input, one chunk's logits and log-softmax in fp32, autocast's cast of the output matrix. The
+        backward: the incoming gradient, SwiGLU's two [rows, hidden_dim] gradients beyond what it frees."""
+        text, p = self.model.text, self.p
+        V, D = text.output.weight.shape
+        loss = self.rows * D * p.residual + min(CE_CHUNK, self.rows) * V * 8 + (V * D * p.compute if p.autocast else 0)
+        backward = self.rows * (D * p.residual + 2 * text.config.hidden_dim * p.compute // self.tp) if self.text_grad else 0
+        return loss, backward
+
+
+def vision_blocks(encoder: nn.Module) -> list[nn.Module]:
+    """The tower's repeated blocks: its longest ModuleList/Sequential of one module type with a LayerNorm."""
+    best: list[nn.Module] = []
+    for module in encoder.modules():
+        if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) > len(best):
+            children = list(module)
+            if len({type(c) for c in children}) == 1 and any(isinstance(m, nn.LayerNorm) for m in children[0].modules()):
+                best = children
+    return best
+
+
+def units(model: VisionLanguageModel) -> list[nn.Module]:
+    """Sharding / checkpointing units: vision blocks, the fusion's blocks (and resampler), decoder layers."""
+    fusion: list[nn.Module] = []
+    for child in model.fusion.children():
+        if isinstance(child, nn.ModuleList):
+            fusion += list(child)
+        elif any(isinstance(m, nn.ModuleList) for m in child.modules()):
+            fusion.append(child)
+    return [*vision_blocks(model.vision), *fusion, *model.text.layers]
+
+
+def activation_rows(activations: Activations, gradients: int) -> dict[str, tuple[int, int]]:
+    """Per part (no checkpointing, checkpointing), and the peak transient beyond the other rows.
+
+    Checkpointing keeps each unit's inputs, plus the largest unit while backward recomputes it. The
+    peak is the end of the forward (the previous `gradients` still alive), or a block's backward:
+    without checkpointing the last block, before new gradients exist; with it, up to the first block,
+    with nearly all new gradients.
+    """
+    parts = activations.parts()
+    largest = max(((full, name) for name, part in parts.items() for full, _ in part.units), default=(0, None))
+    rows = {name: (part.other + sum(f for f, _ in part.units),
+                   part.other + sum(i for _, i in part.units) + (largest[0] if name == largest[1] else 0))
+            for name, part in parts.items()}
+    loss, backward = activations.workspace()
+    rows["peak transient"] = (max(loss, backward - gradients), max(loss - largest[0], backward))
+    return rows
+
+
+def _split(items: Iterable[tuple[nn.Parameter, float]]) -> tuple[int, int]:
+    """(trainable, frozen) bytes of (parameter, bytes per element) pairs, each parameter once."""
+    seen, out = set(), [0.0, 0.0]
+    for param, size in items:
+        if id(param) not in seen:
+            seen.add(id(param))
+            out[0 if param.requires_grad else 1] += param.numel() * size
+    return math.ceil(out[0]), math.ceil(out[1])
+
+
+def static_memory(model: VisionLanguageModel, p: Precision, strategy: Strategy, grad_parts: set[str]) -> dict[str, tuple[int, int]]:
+    """Per device (trainable, frozen) bytes of the weights, their working copies, gradients, AdamW moments."""
+
+    def per_device(shards: int) -> tuple[int, int]:
+        return _split((q, p.param / (shards * strategy.tensor_split(name))) for name, q in model.named_parameters())
+
+    weights, trainable = per_device(strategy.weight_shards), per_device(strategy.state_shards)[0]
+    if strategy.offload:
+        weights, trainable = (0, 0), 0  # in host memory
+    buckets = trainable if strategy.ddp else 0  # DDP's gradient buckets (not views of the gradients)
+    return {"weights": weights, "weight copies": weight_copies(model, p, strategy, grad_parts),
+            "gradients": (trainable + buckets, 0), "optimizer": (2 * trainable, 0)}
+
+
+def weight_copies(model: VisionLanguageModel, p: Precision, strategy: Strategy, grad_parts: set[str]) -> tuple[int, int]:
+    items: list[tuple[nn.Parameter, float]] = []
+    if strategy.gathers:  # the unsharded root, and the running and the prefetched block
+        blocks = units(model)
+        inside = {id(q) for b in blocks for q in b.parameters()}
+        largest = sorted(blocks, key=lambda b: sum(q.numel() for q in b.parameters()))[-2:]
+        items += [(q, strategy.gather_bytes) for q in model.parameters() if id(q) not in inside]
+        items += [(q, strategy.gather_bytes) for b in largest for q in b.parameters()]
+    casts = p.casts(strategy)
+    for fqn, module in model.named_modules():
+        weight = module.weight if isinstance(module, nn.Linear) else getattr(module, "in_proj_weight", None)
+        if weight is None or fqn == "text.output" or fqn.split(".")[0] not in grad_parts:
+            continue  # text.output: the loss's cast is a transient; a part without autograd keeps no casts
+        if p.fp8(module, fqn):
+            items += [(weight, 1)] if p.fp8_recipe == "delayed" else []
+        elif casts:
+            items.append((weight, p.compute))
+    return _split(items)
+
+
+@dataclass
+class MemoryEstimate:
+    """Per-device memory of a recipe's training step; `str()` is the table `vlm memory` prints."""
+
+    recipe: list[str]
+    precision: Precision
+    strategy: Strategy
+    shapes: Shapes
+    parameters: ParameterTable
+    static: dict[str, tuple[int, int]]  # weights, weight copies, gradients, optimizer -> (trainable, frozen)
+    activations: dict[str, tuple[int, int]]  # part -> (no checkpointing, checkpointing)
+    notes: list[str] = field(default_factory=list)
+
+    def total(self, checkpointing: bool | None = None) -> int:
+        """Peak bytes per device; `checkpointing` None: as the recipe is configured."""
+        on = self.strategy.checkpointing if checkpointing is None else checkpointing
+        return sum(map(sum, self.static.values())) + sum(a[on] for a in self.activations.values())
+
+    def __str__(self) -> str:
+        p, s, st = self.precision, self.shapes, self.strategy
+        param = p.dtype(p.param)
+        copies = "+".join(["unsharded"] * st.gathers + [f"{p.dtype(p.compute)} casts"] * p.casts(st)) or "none"
+        labels = {"weights": f"weights ({param})", "weight copies": f"weight copies ({copies})",
+                  "gradients": f"gradients ({param})", "optimizer": f"AdamW moments (2 x {param})"}
+        tensor = f", tensor parallel x{st.tensor_parallel}" if st.tensor_parallel > 1 else ""
+        lines = [f"vlm memory: {' + '.join(self.recipe)}",
+                 f"strategy {st.name} on {st.devices} device(s): weights / {st.weight_shards}, gradients and optimizer / "
+                 f"{st.state_shards}{tensor}; precision {p.name}; per device {s.batch_size} x {s.seq_len} tokens, "
+                 f"{s.images_per_sample} image(s) per sample", "",
+                 f"{'parameters':<34}{'trainable':>16}{'frozen':>16}"]
+        lines += [f"  {part:<32}{t:>16,}{f:>16,}" for part, (t, f) in self.parameters.rows.items()]
+        lines += ["", f"{'per device':<34}{'trainable':>16}{'frozen':>16}{'total':>16}"]
+        lines += [f"  {labels[k]:<32}{_size(t):>16}{_size(f):>16}{_size(t + f):>16}" for k, (t, f) in self.static.items()]
+        lines += [f"{'activations':<34}{'no checkpointing':>16}{'checkpointing':>16}"]
+        lines += [f"  {part:<32}{_size(a):>16}{_size(c):>16}" for part, (a, c) in self.activations.items()]
+        totals = [_size(self.total(on)) + ("*" if on == st.checkpointing else "") for on in (False, True)]
+        lines += [f"{'total':<34}{totals[0]:>16}{totals[1]:>16}", "* the recipe's setting"]
+        return "\n".join(lines + [f"note: {n}" for n in self.notes])
+
+
+def _size(n: int) -> str:
+    return "-" if n == 0 else f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+class RecipeParser(VLMCLI):
+    """VLMCLI that composes the YAMLs (defaults, overrides, validation) and instantiates nothing."""
+
+    def init_parser(self, **kwargs: Any):
+        return super().init_parser(**kwargs, exit_on_error=False)  # errors raise, they do not exit
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
+def compose(config_files: Sequence[str]) -> dict[str, Any]:
+    """The recipe as `vlm fit --config A --config B ...` sees it, as plain dicts (seeds nothing)."""
+    args = [arg for path in config_files for arg in ("--config", str(path))]
+    with warnings.catch_warnings():  # `vlm memory`'s own argv is not meant for LightningCLI
+        warnings.filterwarnings("ignore", message=".*args parameter is intended")
+        parser = RecipeParser(args=[*args, "--seed_everything=false"], run=False)
+    return parser.config.as_dict()
+
+
+def meta_model(model: Mapping[str, Any]) -> tuple[VisionLanguageModel, ParameterTable]:
+    """The recipe's model on the meta device, with its stage's trainable set."""
+    config = dict(model["config"])
+    config["vision"] = {**config["vision"], "checkpoint_path": None}  # structure only: no weights are read
+    with torch.device("meta"):
+        vlm = build_model(VLMConfig.from_dict(config))
+    table = set_trainable(vlm, model.get("stage"), include=model.get("include") or (), exclude=model.get("exclude") or ())
+    return vlm, table
+
+
+def estimate_memory(config_files: list[str], *, devices: int | None = None, batch_size: int | None = None,
+                    seq_len: int | None = None, images_per_sample: int = 1) -> MemoryEstimate:
+    """Per-device memory of training the recipe composed from `config_files` (later files override).
+
+    devices: processes in total (default trainer.devices x trainer.num_nodes; "auto" counts 1).
+    batch_size: per device (default data.batch_size). seq_len: padded text length, image tokens
+    included (default data.max_length, else the model's max_seq_len).
+    """
+    overrides = {"devices": devices, "batch_size": batch_size, "seq_len": seq_len, "images_per_sample": images_per_sample}
+    for name, value in overrides.items():
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    recipe = compose(config_files)
+    trainer, model_section, data = recipe["trainer"], recipe["model"], recipe.get("data") or {}
+    model, table = meta_model(model_section)
+    seq_len = seq_len or data.get("max_length") or model.text.config.max_seq_len
+    shapes = Shapes(batch_size or data.get("batch_size") or 1, seq_len, images_per_sample)
+    if seq_len < images_per_sample * model.tokens_per_image:
+        raise ValueError(f"seq_len {seq_len} cannot hold {images_per_sample} image(s) x {model.tokens_per_image} tokens")
+    precision = resolve_precision(trainer)
+    strategy = resolve_strategy(trainer, model_section, precision, devices)
+    activations = Activations(model, precision, shapes, tensor_parallel=strategy.tensor_parallel)
+    grad_parts = {part for part, on in (("vision", activations.vision_grad), ("fusion", activations.upstream),
+                                        ("text", activations.text_grad)) if on}
+    static = static_memory(model, precision, strategy, grad_parts)
+    freed = static["gradients"][0] // (2 if strategy.ddp else 1)  # zero_grad frees the gradients, not DDP's buckets
+    notes = _notes(trainer, precision, strategy, devices)
+    if model.config.fusion.name not in Activations.FUSIONS:
+        notes.append(f"fusion {model.config.fusion.name!r}: its activations are not modeled (counted as 0)")
+    return MemoryEstimate([str(f) for f in config_files], precision, strategy, shapes, table, static,
+                          activation_rows(activations, freed), notes)
+
+
+def _notes(trainer: Mapping[str, Any], precision: Precision, strategy: Strategy, devices: int | None) -> list[str]:
+    notes = []
+    if devices is None and str(trainer.get("devices")) in ("auto", "-1"):
+        notes.append(f"trainer.devices is {trainer.get('devices')!r}: counted as 1 per node; pass --devices N")
+    if strategy.offload:
+        notes.append("cpu_offload: the sharded weights, gradients and optimizer state are in host memory")
+    if strategy.tensor_parallel > 1:
+        notes.append(f"tensor parallel x{strategy.tensor_parallel}: decoder heads and hidden features split; "
+                     "norms, residuals and linear inputs replicated (no sequence parallelism)")
+    if precision.autocast:
+        notes.append("mixed precision: the fp32 parameters are the master weights (no third copy)")
+    if precision.fp8_recipe:
+        kept = "1-byte casts" if precision.fp8_recipe == "delayed" else "their high-precision inputs (as bf16)"
+        notes.append(f"fp8 {precision.fp8_recipe}: fp8 linears keep {kept}; a trained vision tower's fp8 layers count as bf16")
+    return notes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vlm memory", description="Per-device memory of training a recipe (no GPU needed).")
+    parser.add_argument("--config", action="append", required=True, help="a recipe YAML; repeat to compose, as for vlm fit")
+    parser.add_argument("--devices", type=int, help="devices in total (default: trainer.devices x trainer.num_nodes)")
+    parser.add_argument("--batch-size", type=int, help="per-device batch size (default: data.batch_size)")
+    parser.add_argument("--seq-len", type=int, help="padded sequence length, image tokens included (default: data.max_length)")
+    parser.add_argument("--images-per-sample", type=int, default=1, help="images in each sample (default 1)")
+    args = parser.parse_args(argv)
+    try:
+        estimate = estimate_memory(args.config, devices=args.devices, batch_size=args.batch_size, seq_len=args.seq_len,
+                                   images_per_sample=args.images_per_sample)
+    except (ValueError, argparse.ArgumentError) as err:
+        print(f"vlm memory: {err}", file=sys.stderr)
+        return 1
+    print(estimate)
+    return 0

@@ -221,3 +221,21 @@ def test_fused_loss_matches_plain_cross_entropy():
     empty = fused_linear_cross_entropy(h, w, torch.full((10,), -100))
     empty.backward()
     assert empty.item() == 0 and h.grad.abs().sum() == 0
+
+
+def test_fused_loss_under_bf16_autocast_matches_autocast_reference():
+    from vlm.text.loss import fused_linear_cross_entropy
+
+    torch.manual_seed(0)
+    h = torch.randn(12, 32, requires_grad=True)
+    w = (torch.randn(50, 32) * 0.1).requires_grad_()
+    y = torch.randint(0, 50, (12,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fused_linear_cross_entropy(h, w, y, chunk_size=5)
+        ref = F.cross_entropy((h @ w.T).float(), y)
+    gh, gw = torch.autograd.grad(loss, [h, w])
+    rh, rw = torch.autograd.grad(ref, [h, w])
+    assert gh.dtype == h.dtype and gw.dtype == w.dtype
+    torch.testing.assert_close(loss, ref, atol=1e-3, rtol=1e-3)  # bf16 matmuls on both sides
+    torch.testing.assert_close(gh, rh, atol=2e-3, rtol=2e-2)
+    torch.testing.assert_close(gw, rw, atol=2e-3, rtol=2e-2)

@@ -5,6 +5,7 @@ import copy
 import dataclasses
 import functools
 import math
+import os
 
 import pytest
 import torch
@@ -36,15 +37,20 @@ def sqnr(reference: torch.Tensor, approx: torch.Tensor) -> float:
     return float(20 * torch.log10(reference.norm() / (reference - approx).norm()))
 
 
+# scripts/gpu_check.sh sets VLM_TEST_DEVICE=cuda: the same numerics against bf16 on the GPU's kernels.
+DEVICE = os.environ.get("VLM_TEST_DEVICE", "cpu")
+REFERENCE_DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+
+
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_linear_sqnr_against_fp32(recipe):
     torch.manual_seed(0)
-    linear = nn.Linear(256, 512)
+    linear = nn.Linear(256, 512).to(DEVICE, REFERENCE_DTYPE)
     nn.init.normal_(linear.weight, std=0.02)
     fp8 = convert_to_float8(copy.deepcopy(linear), recipe=recipe)
     assert float8_recipe_of(fp8) == recipe
     for step in range(3):  # the delayed recipe scales from its history from the second step on
-        x = torch.randn(4, 32, 256)
+        x = torch.randn(4, 32, 256, device=DEVICE, dtype=REFERENCE_DTYPE)
         x_ref, x_fp8 = x.clone().requires_grad_(), x.clone().requires_grad_()
         y_ref, y_fp8 = linear(x_ref), fp8(x_fp8)
         # per-element gradients of a mean loss are tiny: below e5m2's smallest subnormal (1.5e-5)

@@ -17,28 +17,16 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk_size: int, ignore_index: int):  # noqa: ANN001
         # hidden [N, D], weight [V, D], labels [N]
-        keep = (labels != ignore_index).nonzero().squeeze(1)
-        count = max(int(keep.numel()), 1)
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, keep.numel(), chunk_size):
-            rows = keep[start : start + chunk_size]
-            h, y = hidden[rows], labels[rows]
-            log_probs = (h @ weight.T).float().log_softmax(-1)  # [n, V]
-            total -= log_probs.gather(1, y[:, None]).sum()
-            if need_h or need_w:
-                grad = log_probs.exp_()  # softmax, in place
-                grad[torch.arange(len(rows), device=grad.device), y] -= 1.0
-                grad = grad.div_(count).to(weight.dtype)
-                if need_h:
-                    grad_h[rows] = grad @ weight
-                if need_w:
-                    grad_w.addmm_(grad.T.float(), h.float())
-        ctx.save_for_backward(grad_h if need_h else None, grad_w if need_w else None)
+        device = hidden.device.type
+        # Under autocast the matmuls run in its dtype (as the head would), softmax in float32, and the
+        # weight gradient accumulates in float32; autocast itself is off so that dtypes stay explicit.
+        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        with torch.autocast(device, enabled=False):
+            total, grad_h, grad_w = _chunked(hidden, weight.to(compute), labels, chunk_size, ignore_index,
+                                             need_h=ctx.needs_input_grad[0], need_w=ctx.needs_input_grad[1])
+        ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
-        return total / count
+        return total
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001
@@ -46,6 +34,28 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_h = grad_h * grad_out if grad_h is not None else None
         grad_w = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
         return grad_h, grad_w, None, None, None
+
+
+def _chunked(hidden, weight, labels, chunk_size, ignore_index, *, need_h: bool, need_w: bool):
+    keep = (labels != ignore_index).nonzero().squeeze(1)
+    count = max(int(keep.numel()), 1)
+    grad_h = torch.zeros_like(hidden) if need_h else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, keep.numel(), chunk_size):
+        rows = keep[start : start + chunk_size]
+        h, y = hidden[rows].to(weight.dtype), labels[rows]
+        log_probs = (h @ weight.T).float().log_softmax(-1)  # [n, V]
+        total -= log_probs.gather(1, y[:, None]).sum()
+        if need_h or need_w:
+            grad = log_probs.exp_()  # softmax, in place
+            grad[torch.arange(len(rows), device=grad.device), y] -= 1.0
+            grad = grad.div_(count)
+            if need_h:
+                grad_h[rows] = (grad.to(weight.dtype) @ weight).to(grad_h.dtype)
+            if need_w:
+                grad_w.addmm_(grad.T, h.float())
+    return total / count, grad_h, grad_w
 
 
 def fused_linear_cross_entropy(

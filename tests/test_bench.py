@@ -1,0 +1,84 @@
+"""scripts/bench.py: every benchmark runs end to end at tiny sizes, prints a ratio and writes its JSON."""
+
+import importlib.util
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = ["--dim", "64", "--layers", "2", "--heads", "4", "--vocab", "512"]
+VISION = ["--vision-width", "32", "--vision-layers", "2", "--vision-heads", "2", "--image-size", "16", "--patch", "8",
+          "--batch", "2", "--text-tokens", "8", "--gen-prompt", "4", "--gen-tokens", "4"]
+TINY = {
+    "llama": [*TEXT, "--kv-heads", "2", "--seq", "16", "--batch", "2", "--gen-prompt", "4", "--gen-tokens", "4"],
+    "llava": [*TEXT, "--kv-heads", "2", *VISION],
+    "flamingo": [*TEXT, *VISION, "--latents", "4", "--resampler-depth", "1"],
+    "fusion": ["--steps", "3", "--batch", "2", "--eval-images", "2", "--dim", "32", "--layers", "1"],
+}
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", ["llama", "llava", "flamingo"])
+def test_pair_benchmark_prints_ratios_and_writes_json(bench, name, tmp_path, capsys):
+    assert bench.main([name, *TINY[name], "--repeats", "1", "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"train fwd\+bwd tokens/s .* \d+\.\d\dx", out)
+    assert re.search(r"greedy generation tokens/s .* \d+\.\d\dx", out)
+    result = json.loads((tmp_path / f"{name}.json").read_text())
+    assert [row["metric"] for row in result["rows"]] == ["train fwd+bwd tokens/s", "greedy generation tokens/s"]
+    for row in result["rows"]:
+        assert math.isfinite(row["ratio"]) and row["ratio"] > 0
+        assert math.isclose(row["ratio"], row["ours"] / row[next(k for k in row if k not in ("metric", "ours", "ratio", "target",
+                                                                                                    "cpu_time_ratio"))])
+    # same weights on both sides: the same loss (checked before timing) and the same greedy tokens
+    assert result["checks"] == {"train_loss_equal": True, "greedy_tokens_equal": True}
+    assert result["machine"]["threads"] == 1 and result["command"].startswith(f"python scripts/bench.py {name} ")
+
+
+def test_fusion_benchmark_trains_both_and_plots(bench, tmp_path, capsys):
+    assert bench.main(["fusion", *TINY["fusion"], "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"train samples/s .* \d+\.\d\dx", out)
+    result = json.loads((tmp_path / "fusion.json").read_text())
+    assert set(result["losses"]) == {"llava", "flamingo"} and all(len(v) == 3 for v in result["losses"].values())
+    # the two fusions saw the same data from the same text and vision weights: first losses agree closely
+    assert abs(result["losses"]["llava"][0] - result["losses"]["flamingo"][0]) < 0.3
+    rows = {row["metric"]: row for row in result["rows"]}
+    assert rows["LM positions per sample"]["llava"] > rows["LM positions per sample"]["flamingo"]  # image tokens in the text
+    assert rows["peak train memory MB (estimate)"]["llava"] > rows["  activations saved for bwd MB"]["llava"] > 0
+    for name in ("llava", "flamingo"):
+        assert 0 <= result["metrics"][name]["exact_match"] <= 1 and result["metrics"][name]["num_images"] == 2
+    assert (tmp_path / "fusion_loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_all_runs_every_benchmark_with_its_defaults(bench, tmp_path, monkeypatch):
+    seen = []
+    for name in bench.BENCHMARKS:
+        monkeypatch.setattr(bench, f"bench_{name}", lambda args: seen.append(args) or {"rows": []})
+    assert bench.main(["all", "--out-dir", str(tmp_path)]) == 0
+    assert [a.bench for a in seen] == list(bench.BENCHMARKS)
+    assert seen[0].seq == 256 and seen[1].vision_width == 256 and seen[3].steps == 120  # the defaults, not tiny
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == sorted(f"{n}.json" for n in bench.BENCHMARKS)
+
+
+def test_interleaved_alternates_order_and_reports_medians(bench):
+    calls = []
+    timings = bench.interleaved({"ours": lambda: calls.append("o"), "theirs": lambda: calls.append("t")}, warmup=1, repeats=3)
+    assert calls == ["o", "t", "o", "t", "t", "o", "o", "t"]
+    assert set(timings) == set(timings.cpu) == {"ours", "theirs"} and all(len(r) == 3 for r in timings.raw.values())
+
+
+def test_check_close_refuses_different_models(bench):
+    bench.check_close("loss", 2.0, 2.0005)
+    with pytest.raises(RuntimeError, match="not equivalent"):
+        bench.check_close("loss", 2.0, 2.1)

@@ -171,7 +171,12 @@ def compare(args: argparse.Namespace, models: tuple, *, steps: dict, gens: dict,
     rows = [throughput_row("train fwd+bwd tokens/s", train_tokens, t, targets[0]),
             throughput_row("greedy generation tokens/s", gen_tokens, g, targets[1])]
     print_table(title, rows, theirs=theirs)
-    result = {"title": title, "config": config_json(args), "rows": rows_json(rows, theirs),
+    for m in models:
+        m.train()
+    saved = {name: saved_for_backward(model, steps[name]) for name, model in zip(("theirs", "ours"), models)}
+    print(f"activations saved for backward in one train step: vlm {saved['ours']:.1f} MB, {theirs} {saved['theirs']:.1f} MB "
+          f"({saved['theirs'] / saved['ours']:.2f}x less)", flush=True)
+    result = {"title": title, "config": config_json(args), "rows": rows_json(rows, theirs), "saved_for_backward_mb": saved,
               "checks": {"train_loss_equal": True, "greedy_tokens_equal": match}, "timings": timings_json(train=t, generate=g)}
     if args.profile:
         result["profile"] = {"generate": profile_pair(gens, what="greedy generation")}
@@ -183,6 +188,14 @@ def compare(args: argparse.Namespace, models: tuple, *, steps: dict, gens: dict,
             m.train()
         result["compile"] = compile_comparison(steps["ours"], compiled, repeats=args.repeats)
     return result
+
+
+def saved_for_backward(model: torch.nn.Module, step: Callable[[], object]) -> float:
+    """MB that autograd keeps for backward during one train step (the activation memory; weights excluded)."""
+    saved = SavedBytes(model)
+    with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+        step()
+    return saved.total / 2**20
 
 
 def compiled_step(model: torch.nn.Module, batch) -> Callable[[], torch.Tensor]:
@@ -689,7 +702,7 @@ def build_parser() -> argparse.ArgumentParser:
     flamingo.add_argument("--cross-every", type=int, default=2, help="a cross-attention block before every N-th layer")
     flamingo.set_defaults(func=bench_flamingo)
     fusion = sub.add_parser("fusion", help="LLaVA vs Flamingo on the same backbone, shapes data and steps")
-    fusion.add_argument("--steps", type=int, default=120)
+    fusion.add_argument("--steps", type=int, default=200)
     fusion.add_argument("--batch", type=int, default=32)
     fusion.add_argument("--eval-images", type=int, default=64)
     fusion.add_argument("--seed", type=int, default=0)

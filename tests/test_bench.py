@@ -42,6 +42,7 @@ def test_pair_benchmark_prints_ratios_and_writes_json(bench, name, tmp_path, cap
                                                                                                     "cpu_time_ratio"))])
     # same weights on both sides: the same loss (checked before timing) and the same greedy tokens
     assert result["checks"] == {"train_loss_equal": True, "greedy_tokens_equal": True}
+    assert 0 < result["saved_for_backward_mb"]["ours"] and 0 < result["saved_for_backward_mb"]["theirs"]
     assert result["machine"]["threads"] == 1 and result["command"].startswith(f"python scripts/bench.py {name} ")
 
 
@@ -67,7 +68,7 @@ def test_all_runs_every_benchmark_with_its_defaults(bench, tmp_path, monkeypatch
         monkeypatch.setattr(bench, f"bench_{name}", lambda args: seen.append(args) or {"rows": []})
     assert bench.main(["all", "--out-dir", str(tmp_path)]) == 0
     assert [a.bench for a in seen] == list(bench.BENCHMARKS)
-    assert seen[0].seq == 256 and seen[1].vision_width == 256 and seen[3].steps == 120  # the defaults, not tiny
+    assert seen[0].seq == 256 and seen[1].vision_width == 256 and seen[3].steps == 200  # the defaults, not tiny
     assert sorted(p.name for p in tmp_path.glob("*.json")) == sorted(f"{n}.json" for n in bench.BENCHMARKS)
 
 

@@ -644,7 +644,8 @@ def fusion_report(args: argparse.Namespace, runs: dict, metrics: dict, *, train_
             "rows": [{"metric": m, "llava": a, "flamingo": b} for m, a, b, _, _ in rows],
             "metrics": metrics, "memory": {n: r.memory for n, r in runs.items()},
             "parameters": {n: {part: {"trainable": t, "frozen": f} for part, (t, f) in r.table.rows.items()} for n, r in runs.items()},
-            "losses": {n: r.losses for n, r in runs.items()}, "plot": str(plot), "train_s": train_s}
+            "losses": {n: r.losses for n, r in runs.items()}, "train_s": train_s,
+            "plot": str(plot.relative_to(ROOT) if plot.is_relative_to(ROOT) else plot)}
 
 
 def _tail_mean(values: list[float]) -> float:

@@ -88,3 +88,9 @@ def test_options_are_validated():
         FusionConfig("flamingo", {"cross_attn_evry": 2})
     with pytest.raises(ValueError, match="cross_attn_every"):
         FusionConfig("flamingo", {"cross_attn_every": 0})
+
+
+def test_gate_init_opens_the_gates():
+    model = tiny_model("flamingo", gate_init=1.0)
+    assert all(float(b.attn_gate) == 1.0 and float(b.ff_gate) == 1.0 for b in model.fusion.blocks)
+    assert all(float(b.attn_gate) == 0.0 for b in tiny_model("flamingo").fusion.blocks)

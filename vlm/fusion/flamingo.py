@@ -30,6 +30,9 @@ class FlamingoOptions:
     cross_attn_head_dim: int = 64
     ff_mult: int = 4
     only_attend_immediate: bool = True
+    # 0 keeps the untrained model exactly its text model (right for a pretrained backbone). Training
+    # from scratch stalls there: a closed gate passes almost no gradient to the image path.
+    gate_init: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("cross_attn_every", "num_latents", "resampler_depth", "resampler_heads", "resampler_head_dim",
@@ -63,10 +66,14 @@ class PerceiverAttention(nn.Module):
 
 
 class PerceiverResampler(nn.Module):
-    def __init__(self, dim: int, *, depth: int, num_latents: int, heads: int, head_dim: int, max_images: int, ff_mult: int) -> None:
+    def __init__(self, dim: int, *, depth: int, num_latents: int, heads: int, head_dim: int, max_images: int, ff_mult: int,
+                 num_tokens: int) -> None:
         super().__init__()
         self.latents = nn.Parameter(torch.randn(num_latents, dim) * 0.02)
         self.media_pos = nn.Parameter(torch.zeros(max_images, dim))
+        # Where each feature sits in the image. Starts at 0 (a pretrained ViT's features already
+        # carry position); a tower trained from scratch learns it, which relations like "left of" need.
+        self.token_pos = nn.Parameter(torch.zeros(num_tokens, dim))
         self.layers = nn.ModuleList(
             nn.ModuleList([PerceiverAttention(dim, heads, head_dim), feed_forward(dim, ff_mult)]) for _ in range(depth)
         )
@@ -76,7 +83,7 @@ class PerceiverResampler(nn.Module):
         """features [N, Nv, D], image_order [N] (0 = first image of its sample) -> latents [N, L, D]."""
         if int(image_order.max()) >= self.media_pos.shape[0]:
             raise ValueError(f"a sample has more than max_images={self.media_pos.shape[0]} images")
-        features = features + self.media_pos[image_order][:, None]
+        features = features + self.media_pos[image_order][:, None] + self.token_pos
         latents = self.latents.expand(features.shape[0], -1, -1)
         for attention, ff in self.layers:
             latents = latents + attention(features, latents)
@@ -87,16 +94,16 @@ class PerceiverResampler(nn.Module):
 class GatedCrossAttentionBlock(nn.Module):
     """x + tanh(a) * xattn(x, media) then + tanh(b) * ff(x); gates a, b start at 0."""
 
-    def __init__(self, dim: int, media_dim: int, *, heads: int, head_dim: int, ff_mult: int) -> None:
+    def __init__(self, dim: int, media_dim: int, *, heads: int, head_dim: int, ff_mult: int, gate_init: float = 0.0) -> None:
         super().__init__()
         self.heads, inner = heads, heads * head_dim
         self.norm = nn.LayerNorm(dim)
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_kv = nn.Linear(media_dim, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
-        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.attn_gate = nn.Parameter(torch.full((1,), gate_init))
         self.ff = feed_forward(dim, ff_mult)
-        self.ff_gate = nn.Parameter(torch.zeros(1))
+        self.ff_gate = nn.Parameter(torch.full((1,), gate_init))
 
     def keys_values(self, media: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """media [B, M*L, Dv] -> k, v [B, H, M*L, hd]."""
@@ -140,9 +147,11 @@ class FlamingoFusion(Fusion):
         super().__init__(options, text=text, vision_dim=vision_dim, vision_tokens=vision_tokens, image_token_id=image_token_id)
         o = options
         self.resampler = PerceiverResampler(vision_dim, depth=o.resampler_depth, num_latents=o.num_latents, heads=o.resampler_heads,
-                                            head_dim=o.resampler_head_dim, max_images=o.max_images, ff_mult=o.ff_mult)
+                                            head_dim=o.resampler_head_dim, max_images=o.max_images, ff_mult=o.ff_mult,
+                                            num_tokens=vision_tokens)
         self.blocks = nn.ModuleList(
-            GatedCrossAttentionBlock(text.dim, vision_dim, heads=o.cross_attn_heads, head_dim=o.cross_attn_head_dim, ff_mult=o.ff_mult)
+            GatedCrossAttentionBlock(text.dim, vision_dim, heads=o.cross_attn_heads, head_dim=o.cross_attn_head_dim, ff_mult=o.ff_mult,
+                                     gate_init=o.gate_init)
             for _ in range(math.ceil(text.n_layers / o.cross_attn_every))
         )
 

@@ -84,7 +84,10 @@ class VLMDataModule(L.LightningDataModule):
                                 overwrite=True, progress=True)
         if not self.tokenizer_path.exists():
             corpus = self.tokenizer_path.with_suffix(".corpus.txt")
-            lines = write_corpus(self._shards(self.train_patterns, "train_shards"), corpus)
+            shards = self._shards(self.train_patterns, "train_shards")
+            if self.shapes is not None:  # every variant's text, so that chat questions tokenize well too
+                shards = sorted(set(shards) | {str(p) for p in Path(self.shapes.out).glob("*/train-*.tar")})
+            lines = write_corpus(shards, corpus)
             log.info("training a %d-token tokenizer on %d texts -> %s", self.tokenizer_vocab_size, lines, self.tokenizer_path)
             Tokenizer.train([corpus], self.tokenizer_vocab_size).save(self.tokenizer_path)
 

@@ -36,7 +36,7 @@ class OptimConfig:
 def no_decay(name: str, param: nn.Parameter) -> bool:
     """Norm weights, biases, gates, embeddings of positions/latents: 1-D or named so."""
     leaf = name.rsplit(".", 1)[-1]
-    return param.ndim < 2 or leaf.endswith("_gate") or leaf in {"latents", "media_pos", "pos_embed", "cls_token"}
+    return param.ndim < 2 or leaf.endswith("_gate") or leaf in {"latents", "media_pos", "token_pos", "pos_embed", "cls_token"}
 
 
 def param_groups(model: nn.Module, config: OptimConfig) -> list[dict]:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
 from vlm.training.cli import VLMCLI
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -21,31 +19,15 @@ def recipe_files(*names: str) -> list[Path]:
     return paths
 
 
-def fit(configs: list[str | Path], out: str | Path, *, overrides: list[str] = (), progress_bar: bool = True) -> VLMCLI:
-    """`vlm fit --config ...` with logs, checkpoints and caption grids under `out`.
+def fit(configs: list[str | Path], out: str | Path, *, overrides: list[str] = ()) -> VLMCLI:
+    """`vlm fit --config ...` with `trainer.default_root_dir` set to `out`: the shipped recipes put
+    their logs, checkpoints and caption grids under it.
 
     `overrides` are command-line flags, e.g. ["--trainer.max_steps=200"]. Returns the CLI object
     (`.trainer`, `.model`, `.datamodule`); the last checkpoint is `out/checkpoints/last.ckpt`.
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    callbacks = [
-        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-         "init_args": {"dirpath": str(out / "checkpoints"), "save_last": True, "save_top_k": 0}},
-        {"class_path": "vlm.training.CaptionGrid"},
-    ]
-    if progress_bar:
-        callbacks.append({"class_path": "lightning.pytorch.callbacks.RichProgressBar"})
-    placement = {"trainer": {
-        "default_root_dir": str(out),
-        "enable_progress_bar": progress_bar,
-        "logger": [{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(out), "name": "logs"}},
-                   {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": str(out), "name": "tb"}}],
-        "callbacks": callbacks,
-    }}
-    (out / "placement.yaml").write_text(yaml.safe_dump(placement))
-    files = [*map(Path, configs), out / "placement.yaml"]
-    args = ["fit", *[a for f in files for a in ("--config", str(f))], *overrides]
+    args = ["fit", *[a for f in configs for a in ("--config", str(f))], f"--trainer.default_root_dir={out}", *overrides]
     return VLMCLI(args=args)
 
 

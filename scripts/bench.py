@@ -146,9 +146,15 @@ def profile_pair(fns: dict[str, Callable[[], object]], *, what: str, repeats: in
 
 def compile_comparison(eager: Callable[[], object], compiled: Callable[[], object], *, repeats: int) -> dict:
     """torch.compile of our train step vs eager: compile time (the first two calls) and the interleaved ratio."""
-    start = time.perf_counter()
-    compiled(), compiled()  # the second call may recompile once for the dynamic shapes it saw
-    compile_s = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as cache:
+        # a fresh inductor cache, so the compile time is that of a first run, not of a cache hit
+        old, os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.environ.get("TORCHINDUCTOR_CACHE_DIR"), cache
+        try:
+            start = time.perf_counter()
+            compiled(), compiled()  # the second call may recompile once for the dynamic shapes it saw
+            compile_s = time.perf_counter() - start
+        finally:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR") if old is None else os.environ.update(TORCHINDUCTOR_CACHE_DIR=old)
     t = interleaved({"eager": eager, "compiled": compiled}, warmup=0, repeats=repeats)
     print(f"\ntorch.compile (ours, train step): compile {compile_s:.1f} s, eager {t['eager'] * 1e3:.0f} ms, "
           f"compiled {t['compiled'] * 1e3:.0f} ms, speed-up {t['eager'] / t['compiled']:.2f}x "
@@ -703,7 +709,7 @@ def build_parser() -> argparse.ArgumentParser:
     flamingo.add_argument("--cross-every", type=int, default=2, help="a cross-attention block before every N-th layer")
     flamingo.set_defaults(func=bench_flamingo)
     fusion = sub.add_parser("fusion", help="LLaVA vs Flamingo on the same backbone, shapes data and steps")
-    fusion.add_argument("--steps", type=int, default=200)
+    fusion.add_argument("--steps", type=int, default=300)
     fusion.add_argument("--batch", type=int, default=32)
     fusion.add_argument("--eval-images", type=int, default=64)
     fusion.add_argument("--seed", type=int, default=0)
@@ -715,7 +721,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: see the module docstring)")
         p.add_argument("--out-dir", type=Path, default=RESULTS, help="where <name>.json (and plots) go")
     for p in (llama, llava, flamingo, fusion):
-        p.add_argument("--repeats", type=int, default=3, help="timed runs per side (median reported)")
+        p.add_argument("--repeats", type=int, default=5, help="timed runs per side (median reported)")
         p.add_argument("--json", type=Path, default=None, help="write the results here instead of OUT_DIR/<name>.json")
     for p in (llama, llava, flamingo):
         p.add_argument("--profile", action="store_true", help="side-by-side torch.profiler tables of both sides")

@@ -68,7 +68,7 @@ def test_all_runs_every_benchmark_with_its_defaults(bench, tmp_path, monkeypatch
         monkeypatch.setattr(bench, f"bench_{name}", lambda args: seen.append(args) or {"rows": []})
     assert bench.main(["all", "--out-dir", str(tmp_path)]) == 0
     assert [a.bench for a in seen] == list(bench.BENCHMARKS)
-    assert seen[0].seq == 256 and seen[1].vision_width == 256 and seen[3].steps == 200  # the defaults, not tiny
+    assert seen[0].seq == 256 and seen[1].vision_width == 256 and seen[3].steps == 300  # the defaults, not tiny
     assert sorted(p.name for p in tmp_path.glob("*.json")) == sorted(f"{n}.json" for n in bench.BENCHMARKS)
 
 

@@ -177,21 +177,19 @@ def compare(args: argparse.Namespace, models: tuple, *, steps: dict, gens: dict,
     rows = [throughput_row("train fwd+bwd tokens/s", train_tokens, t, targets[0]),
             throughput_row("greedy generation tokens/s", gen_tokens, g, targets[1])]
     print_table(title, rows, theirs=theirs)
-    for m in models:
-        m.train()
-    saved = {name: saved_for_backward(model, steps[name]) for name, model in zip(("theirs", "ours"), models)}
-    print(f"activations saved for backward in one train step: vlm {saved['ours']:.1f} MB, {theirs} {saved['theirs']:.1f} MB "
-          f"({saved['theirs'] / saved['ours']:.2f}x less)", flush=True)
-    result = {"title": title, "config": config_json(args), "rows": rows_json(rows, theirs), "saved_for_backward_mb": saved,
+    result = {"title": title, "config": config_json(args), "rows": rows_json(rows, theirs),
               "checks": {"train_loss_equal": True, "greedy_tokens_equal": match}, "timings": timings_json(train=t, generate=g)}
     if args.profile:
         result["profile"] = {"generate": profile_pair(gens, what="greedy generation")}
-        for m in models:
-            m.train()
+    for m in models:
+        m.train()
+    saved = result["saved_for_backward_mb"] = {name: saved_for_backward(model, steps[name])
+                                               for name, model in zip(("theirs", "ours"), models)}
+    print(f"activations saved for backward in one train step: vlm {saved['ours']:.1f} MB, {theirs} {saved['theirs']:.1f} MB "
+          f"({saved['theirs'] / saved['ours']:.2f}x less)", flush=True)
+    if args.profile:
         result["profile"]["train"] = profile_pair(steps, what="train step")
     if compiled is not None and getattr(args, "compile", False):
-        for m in models:
-            m.train()
         result["compile"] = compile_comparison(steps["ours"], compiled, repeats=args.repeats)
     return result
 
@@ -263,7 +261,8 @@ def open_clip_vision(args: argparse.Namespace, *, feature_layer: int, keep_prefi
     vision_cfg = {"image_size": args.image_size, "patch_size": args.patch, "width": args.vision_width,
                   "layers": args.vision_layers, "head_width": args.vision_width // args.vision_heads, "mlp_ratio": 4.0}
     return VisionConfig(name="open_clip", model="ViT-B-32", feature_layer=feature_layer, keep_prefix_tokens=keep_prefix_tokens,
-                        frozen=True, model_kwargs={"embed_dim": args.vision_width, "quick_gelu": quick_gelu, "vision_cfg": vision_cfg})
+                        frozen=True,
+                        model_kwargs={"embed_dim": args.vision_width, "quick_gelu": quick_gelu, "vision_cfg": vision_cfg})
 
 
 def ffn_dim(dim: int) -> int:
@@ -617,7 +616,8 @@ def bench_fusion(args: argparse.Namespace) -> dict:
         captions = captioner.caption([image for image, _ in held_out], max_new_tokens=recipe["model"]["max_new_tokens"],
                                      batch_size=args.batch)
         metrics[name] = {**caption_metrics(captions, [[text] for _, text in held_out]),
-                         "caption_s": time.perf_counter() - begin, "examples": list(zip(captions[:3], [t for _, t in held_out[:3]]))}
+                         "caption_s": time.perf_counter() - begin,
+                         "examples": list(zip(captions[:3], [t for _, t in held_out[:3]]))}
     plot = plot_losses(runs, args.out_dir / "fusion_loss.png")
     return fusion_report(args, runs, metrics, train_s=train_s, plot=plot)
 
@@ -649,7 +649,8 @@ def fusion_report(args: argparse.Namespace, runs: dict, metrics: dict, *, train_
     return {"config": config_json(args), "models": {n: r.model.config.to_dict() for n, r in runs.items()},
             "rows": [{"metric": m, "llava": a, "flamingo": b} for m, a, b, _, _ in rows],
             "metrics": metrics, "memory": {n: r.memory for n, r in runs.items()},
-            "parameters": {n: {part: {"trainable": t, "frozen": f} for part, (t, f) in r.table.rows.items()} for n, r in runs.items()},
+            "parameters": {n: {part: {"trainable": t, "frozen": f} for part, (t, f) in r.table.rows.items()}
+                           for n, r in runs.items()},
             "losses": {n: r.losses for n, r in runs.items()}, "train_s": train_s,
             "plot": str(plot.relative_to(ROOT) if plot.is_relative_to(ROOT) else plot)}
 

@@ -46,6 +46,16 @@ def test_pair_benchmark_prints_ratios_and_writes_json(bench, name, tmp_path, cap
     assert result["machine"]["threads"] == 1 and result["command"].startswith(f"python scripts/bench.py {name} ")
 
 
+def test_profile_prints_both_sides_per_op(bench, tmp_path, capsys):
+    assert bench.main(["llama", *TINY["llama"], "--repeats", "1", "--profile", "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "profile (train step)" in out and "profile (greedy generation)" in out
+    profile = json.loads((tmp_path / "llama.json").read_text())["profile"]
+    for what in ("train", "generate"):
+        assert profile[what]["totals_ms"]["ours"] > 0 and profile[what]["totals_ms"]["theirs"] > 0
+        assert any(op["op"] == "aten::mm" and op["ours_calls"] > 0 and op["theirs_calls"] > 0 for op in profile[what]["ops"])
+
+
 def test_fusion_benchmark_trains_both_and_plots(bench, tmp_path, capsys):
     assert bench.main(["fusion", *TINY["fusion"], "--out-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out

@@ -45,16 +45,17 @@ def _chunked(hidden, weight, labels, chunk_size, ignore_index, *, need_h: bool, 
     for start in range(0, keep.numel(), chunk_size):
         rows = keep[start : start + chunk_size]
         h, y = hidden[rows].to(weight.dtype), labels[rows]
-        log_probs = (h @ weight.T).float().log_softmax(-1)  # [n, V]
+        logits = (h @ weight.T).float()  # [n, V]
+        log_probs = torch.log_softmax(logits, -1, out=logits)  # in place: one [n, V] buffer per chunk
         total -= log_probs.gather(1, y[:, None]).sum()
         if need_h or need_w:
             grad = log_probs.exp_()  # softmax, in place
             grad[torch.arange(len(rows), device=grad.device), y] -= 1.0
-            grad = grad.div_(count)
+            # The mean's 1/count scales the two small products, not the [n, V] gradient.
             if need_h:
-                grad_h[rows] = (grad.to(weight.dtype) @ weight).to(grad_h.dtype)
+                grad_h[rows] = (grad.to(weight.dtype) @ weight).mul_(1.0 / count).to(grad_h.dtype)
             if need_w:
-                grad_w.addmm_(grad.T, h.float())
+                grad_w.addmm_(grad.T, h.float(), alpha=1.0 / count)
     return total / count, grad_h, grad_w
 
 

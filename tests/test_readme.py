@@ -16,7 +16,7 @@ TINY = {
     "trainer": {"max_steps": 4, "val_check_interval": 4, "limit_val_batches": 1, "log_every_n_steps": 1},
     "model": {"config": {"text": {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 128},
                          "vision": {"name": "timm", "model": "vit_tiny_patch16_224", "frozen": False, "feature_layer": -1,
-                                    "model_kwargs": {"img_size": 64, "patch_size": 16, "embed_dim": 32, "depth": 2, "num_heads": 2}}},
+                                    "image_size": 64, "model_kwargs": {"patch_size": 16, "embed_dim": 32, "depth": 2, "num_heads": 2}}},
               "caption_samples": 4, "max_new_tokens": 8},
     "data": {"batch_size": 8, "num_workers": 0, "shuffle_buffer": 20, "shapes": None},
 }

@@ -28,7 +28,7 @@ def tiny_recipe(tmp_path: Path, shapes_dir: Path, *, max_steps: int = 12, every:
             "config": {
                 "text": {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 320, "hidden_dim": 128, "max_seq_len": 128},
                 "vision": {"name": "timm", "model": "vit_tiny_patch16_224", "frozen": False, "feature_layer": -1,
-                           "model_kwargs": {"img_size": 64, "patch_size": 16, "embed_dim": 32, "depth": 2, "num_heads": 2}},
+                           "image_size": 64, "model_kwargs": {"patch_size": 16, "embed_dim": 32, "depth": 2, "num_heads": 2}},
             },
             "optim": {"lr": 0.003, "warmup_steps": 2},
             "caption_samples": 8,

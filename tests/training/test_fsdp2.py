@@ -18,7 +18,10 @@ pytestmark = pytest.mark.slow
 
 
 def run(out: Path, *args: str) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    # Without the PL_* variables an in-process Lightning run of an earlier test leaves behind
+    # (PL_GLOBAL_SEED makes every rank reseed before building the model, the single process not).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PL_")}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), *args], env=env, capture_output=True,
                             text=True, timeout=300, cwd=out.parent)
     assert result.returncode == 0, result.stderr[-4000:]

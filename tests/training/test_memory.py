@@ -33,7 +33,7 @@ def tiny_recipe(tmp_path: Path, fusion: str, stage: str) -> list[str]:
     override = {"model": {"stage": stage, "config": {
         "text": {"dim": 192, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 512, "hidden_dim": 512, "max_seq_len": 512},
         "vision": {"name": "timm", "model": "vit_tiny_patch16_224", "frozen": False, "feature_layer": -1,
-                   "model_kwargs": {"img_size": 64, "patch_size": 8, "embed_dim": 128, "depth": 2, "num_heads": 2}}}}}
+                   "image_size": 64, "model_kwargs": {"patch_size": 8, "embed_dim": 128, "depth": 2, "num_heads": 2}}}}}
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(override))
     return [str(CONFIGS / "shapes.yaml"), str(CONFIGS / "fusion" / f"{fusion}.yaml"), str(path)]

@@ -13,7 +13,8 @@ from vlm.training.checkpointing import is_complete, latest_complete_checkpoint
 
 
 def _run_cli(args: list[str], tmp_path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PL_")}  # no state from in-process runs
+    env["PYTHONPATH"] = f"{ROOT / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
     code = "import sys; from vlm.cli import main; sys.exit(main(sys.argv[1:]))"
     return subprocess.run([sys.executable, "-c", code, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
 

@@ -218,6 +218,10 @@ def test_fused_loss_matches_plain_cross_entropy():
     w = torch.randn(97, 64, requires_grad=True)
     y = torch.randint(0, 97, (10,))
     torch.testing.assert_close(fused_linear_cross_entropy(h, w, y, chunk_size=3), F.cross_entropy(h @ w.T, y))
+    doubled = torch.autograd.grad(2 * fused_linear_cross_entropy(h, w, y, chunk_size=4), [h, w])
+    single = torch.autograd.grad(fused_linear_cross_entropy(h, w, y, chunk_size=4), [h, w])
+    torch.testing.assert_close(doubled[0], 2 * single[0])
+    torch.testing.assert_close(doubled[1], 2 * single[1])
     empty = fused_linear_cross_entropy(h, w, torch.full((10,), -100))
     empty.backward()
     assert empty.item() == 0 and h.grad.abs().sum() == 0

@@ -31,8 +31,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001
         grad_h, grad_w = ctx.saved_tensors
-        grad_h = grad_h * grad_out if grad_h is not None else None
-        grad_w = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        if grad_out.numel() != 1 or float(grad_out) != 1.0:  # the loss is usually the root: skip two copies
+            grad_h = grad_h * grad_out if grad_h is not None else None
+            grad_w = grad_w * grad_out if grad_w is not None else None
+        grad_w = grad_w.to(ctx.weight_dtype) if grad_w is not None else None
         return grad_h, grad_w, None, None, None
 
 
@@ -64,14 +66,17 @@ def fused_linear_cross_entropy(
     weight: torch.Tensor,
     labels: torch.Tensor,
     *,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight.T` against `labels` over non-ignored positions.
 
     hidden [..., D], weight [V, D], labels [...] (already aligned: labels[i] is the target of
-    hidden[i]). Returns a scalar; 0 when every label is ignored.
+    hidden[i]). Returns a scalar; 0 when every label is ignored. `chunk_size` rows are computed at
+    a time; by default as many as keep one chunk's logits near 2**26 values (256 MB in float32).
     """
+    if chunk_size is None:
+        chunk_size = max(256, min(8192, 2**26 // weight.shape[0]))
     return _FusedLinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), chunk_size, ignore_index)
 
 

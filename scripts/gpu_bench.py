@@ -85,8 +85,6 @@ def run(recipe: str, args) -> dict:
     result = {"recipe": recipe, "step_s": seconds, "tokens_per_s": args.batch_size * args.seq / seconds,
               "mfu_vs_bf16_peak": flops / seconds / (H200_BF16_DENSE_TFLOPS * 1e12),
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": float(loss)}
-    del model, step_model, optimizer
-    torch.cuda.empty_cache()
     return result
 
 
@@ -104,6 +102,7 @@ def main() -> None:
     print(f"{'recipe':<12} {'step s':>8} {'tokens/s':>10} {'MFU*':>6} {'peak GiB':>9} {'speed-up':>9}")
     for recipe in args.recipes:
         r = run(recipe, args)
+        torch.cuda.empty_cache()  # the previous model is gone with run()'s frame
         results.append(r)
         speedup = results[0]["step_s"] / r["step_s"]
         print(f"{recipe:<12} {r['step_s']:>8.3f} {r['tokens_per_s']:>10.0f} {r['mfu_vs_bf16_peak']:>6.1%} "

@@ -12,8 +12,6 @@ from tiny_models import IMAGE_ID, batch_from, images, open_gates, tiny_model, ti
 import vlm
 from vlm import export
 from vlm.export import load_model, load_tensors, load_tokenizer, save_model, save_tensors
-from vlm.model import build_model
-from vlm.text.tokenizer import Tokenizer
 
 ROWS = [[1, IMAGE_ID, 8, 9, 10], [2, 3, IMAGE_ID, 12, IMAGE_ID, 13]]
 

@@ -1,6 +1,5 @@
 """Both notebooks execute headlessly with small settings; the committed files carry no outputs."""
 
-import os
 from pathlib import Path
 
 import nbformat

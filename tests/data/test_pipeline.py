@@ -9,7 +9,6 @@ import torch
 from PIL import Image
 from webdataset import DataPipeline
 
-from vlm.data.collate import Collator
 from vlm.data.decode import decode_sample
 from vlm.data.formats import encode_sample
 from vlm.data.pipeline import PipelineConfig, ShardDataset, build_dataloader, build_pipeline, node_info, shard_stages

@@ -8,7 +8,7 @@ from tiny_models import tiny_model_for
 
 from vlm.cli import main
 from vlm.data.shapes import make_shapes_dataset
-from vlm.eval.evaluate import caption_examples, evaluate, write_report
+from vlm.eval.evaluate import caption_examples, evaluate
 from vlm.export import save_model
 
 

@@ -12,7 +12,8 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from vlm.model import ModelInput, VLMConfig, build_model
 from vlm.stages import set_trainable
-from vlm.training.memory import compose, estimate_memory, main, resolve_precision, resolve_strategy, units
+from vlm.training.memory import compose, estimate_memory, main, resolve_precision, resolve_strategy
+from vlm.training.parallel import blocks as units
 from vlm.training.optim import OptimConfig, build_optimizer
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -130,7 +131,10 @@ def test_llama32_1b_clip_weights_and_sharding(tmp_path):
     sharded = estimate_memory([*LLAMA, str(fsdp)], devices=8)
     assert sharded.static["weights"] == (4 * projector // 8, 4 * (text + vision) // 8)
     assert sharded.static["optimizer"][0] == 8 * projector // 8
-    assert sharded.activations == single.activations  # per device batch: sharding leaves activations alone
+    # Per-device batch: sharding leaves the activations alone (the peak transient subtracts the
+    # gradients already freed, which sharding makes smaller).
+    assert {k: v for k, v in sharded.activations.items() if k != "peak transient"} == \
+        {k: v for k, v in single.activations.items() if k != "peak transient"}
 
 
 def test_strategy_and_precision_parsing():

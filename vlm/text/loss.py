@@ -61,6 +61,11 @@ def _chunked(hidden, weight, labels, chunk_size, ignore_index, *, need_h: bool, 
     return total / count, grad_h, grad_w
 
 
+def default_chunk_size(vocab_size: int) -> int:
+    """Rows per chunk that keep one chunk's logits near 2**26 values (256 MB in float32)."""
+    return max(256, min(8192, 2**26 // vocab_size))
+
+
 def fused_linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -76,7 +81,7 @@ def fused_linear_cross_entropy(
     a time; by default as many as keep one chunk's logits near 2**26 values (256 MB in float32).
     """
     if chunk_size is None:
-        chunk_size = max(256, min(8192, 2**26 // weight.shape[0]))
+        chunk_size = default_chunk_size(weight.shape[0])
     return _FusedLinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), chunk_size, ignore_index)
 
 

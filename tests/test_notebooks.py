@@ -16,7 +16,6 @@ def test_notebooks_are_committed_without_outputs():
         for cell in notebook.cells:
             if cell.cell_type == "code":
                 assert not cell.outputs and cell.execution_count is None, f"{path.name}: strip outputs before committing"
-            if cell.cell_type == "code":
                 assert "def " not in cell.source and "class " not in cell.source, f"{path.name}: define things in vlm, not here"
 
 

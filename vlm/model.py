@@ -142,34 +142,31 @@ class VisionLanguageModel(nn.Module):
         `vocab_size` limits sampling to the tokenizer's ids when the embedding table is larger.
         Returns the new tokens of each prompt, stop token excluded."""
         config = SamplingConfig(max_new_tokens, temperature, top_k, top_p, tuple(stop_tokens))
-        self._sample_limit = vocab_size
         batch = self._prompt_batch(images, prompts, pad_id)
-        if not use_cache:
-            return self._generate_uncached(batch, config, generator)
+
+        def next_logits(h: torch.Tensor) -> torch.Tensor:
+            logits = self.text.output(h[:, -1])
+            logits[:, self.config.image_token_id] = float("-inf")  # images come from the prompt, never sampled
+            if vocab_size is not None:
+                logits[:, vocab_size:] = float("-inf")  # rows the tokenizer has no token for
+            return logits
+
+        if not use_cache:  # recompute everything each step: the reference the cache is tested against
+            def step(token: torch.Tensor) -> torch.Tensor:
+                batch.input_ids = torch.cat([batch.input_ids, token], 1)
+                batch.attention_mask = torch.cat([batch.attention_mask, torch.ones_like(token)], 1)
+                return next_logits(self.hidden(batch)[0])
+
+            return decode(step, next_logits(self.hidden(batch)[0]), config, generator=generator)
         cache = self.text.new_cache(batch.input_ids.shape[0], batch.input_ids.shape[1] + max_new_tokens)
         h, state = self.hidden(batch, cache=cache)
         holder = {"state": state}
 
         def step(token: torch.Tensor) -> torch.Tensor:
             h, holder["state"] = self.hidden(ModelInput(token), cache=cache, state=holder["state"])
-            return self._next_logits(h)
+            return next_logits(h)
 
-        return decode(step, self._next_logits(h), config, generator=generator)
-
-    def _next_logits(self, h: torch.Tensor) -> torch.Tensor:
-        logits = self.text.output(h[:, -1])
-        logits[:, self.config.image_token_id] = float("-inf")  # images come from the prompt, never sampled
-        if getattr(self, "_sample_limit", None) is not None:
-            logits[:, self._sample_limit :] = float("-inf")  # rows the tokenizer has no token for
-        return logits
-
-    def _generate_uncached(self, batch: ModelInput, config: SamplingConfig, generator) -> list[list[int]]:
-        def step(token: torch.Tensor) -> torch.Tensor:
-            batch.input_ids = torch.cat([batch.input_ids, token], 1)
-            batch.attention_mask = torch.cat([batch.attention_mask, torch.ones_like(token)], 1)
-            return self._next_logits(self.hidden(batch)[0])
-
-        return decode(step, self._next_logits(self.hidden(batch)[0]), config, generator=generator)
+        return decode(step, next_logits(h), config, generator=generator)
 
     def _prompt_batch(self, images, prompts: Sequence[Sequence[int]], pad_id: int) -> ModelInput:
         device = self.text.tok_embeddings.weight.device

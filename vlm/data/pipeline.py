@@ -1,9 +1,19 @@
 """Streaming webdataset shards into batches: a plain list of stages handed to `wds.DataPipeline`.
 
-    shards (list shuffled by seed+epoch, or ResampledShards) -> split by node -> split by worker
-    -> read tar (safe keys, truncation detected) -> shuffle buffer -> decode -> encode -> batch
+    shards (list shuffled by seed+epoch, or ResampledShards)
+    -> split by node -> split by worker          (only if shards >= ranks x workers, not resampled)
+    -> read tar (safe keys, truncation detected)
+    -> split samples by rank x worker            (only if shards < ranks x workers, not resampled)
+    -> count seen, reject flagged -> shuffle buffer -> decode -> encode -> batch
 
-Deterministic: for a given seed, epoch, rank and worker the batches are always the same.
+Splitting: with enough shards each worker of each rank reads whole shards of its own. With fewer
+shards than ranks x workers (a one-shard validation set on 8 ranks) every worker reads every shard,
+in the same seeded order, and keeps every (ranks x workers)-th sample: no sample is lost or read
+twice, and each worker counts only the samples it keeps. Resampled pipelines draw shards per worker.
+
+Deterministic: for a given seed, epoch, rank, worker, world size and worker count the batches are
+always the same.
+
 `handler` decides what a bad sample does: "strict" raises a `SampleError` naming the shard file and
 sample key; "skip" drops it, counts it by reason in a `SkipCounter`, and raises
 `TooManySkipsError` once the skipped fraction passes `max_skip_fraction` (after
@@ -151,6 +161,16 @@ class SampleHandler:
             raise TooManySkipsError(f"{self.counter.summary()}, above max_skip_fraction "
                                     f"{self.config.max_skip_fraction:.1%}; last: {error}")
 
+    def check(self, samples: Iterable[dict]) -> Iterator[dict]:
+        """Stage: count every raw sample as seen; reject those the reader flagged (unsafe key,
+        truncated shard, ...). It comes after the sample split, so a worker counts only its own."""
+        for sample in samples:
+            self.counter.add_seen()
+            if "__error__" in sample:
+                self.reject(sample["__error__"])
+            else:
+                yield sample
+
     def map(self, samples: Iterable[dict], fn: Callable[[dict], Any]) -> Iterator[Any]:
         """Stage: `fn` on every sample; a SampleError rejects that sample."""
         for sample in samples:
@@ -162,21 +182,16 @@ class SampleHandler:
             yield result
 
 
-def read_tar_samples(sources: Iterable[dict], *, handler: SampleHandler, max_member_bytes: int) -> Iterator[dict]:
+def read_tar_samples(sources: Iterable[dict], *, max_member_bytes: int) -> Iterator[dict]:
     """Stage: {"url": shard} -> raw samples {"__key__", "__url__", member: bytes, ...}.
 
-    Every sample counts as seen; those the reader flagged (unsafe key, truncated shard, ...) are
-    rejected. A shard that cannot be opened is an error in both modes.
+    Samples the reader flagged (unsafe key, truncated shard, ...) are yielded too, with
+    "__error__", for `SampleHandler.check`. A shard that cannot be opened is an error in both modes.
     """
     for source in sources:
         stream = gopen(source["url"])
         try:
-            for sample in iter_shard_samples(stream, source["url"], max_member_bytes=max_member_bytes):
-                handler.counter.add_seen()
-                if "__error__" in sample:
-                    handler.reject(sample["__error__"])
-                else:
-                    yield sample
+            yield from iter_shard_samples(stream, source["url"], max_member_bytes=max_member_bytes)
         finally:
             stream.close()
 
@@ -195,6 +210,18 @@ def split_by_worker(sources: Iterable[dict], *, worker: int, num_workers: int) -
     return islice(sources, worker, None, num_workers)
 
 
+def split_samples(samples: Iterable[dict], *, rank: int, world_size: int, worker: int,
+                  num_workers: int) -> Iterator[dict]:
+    """Stage: every (world_size * num_workers)-th sample, starting at rank * num_workers + worker."""
+    return islice(samples, rank * num_workers + worker, None, world_size * num_workers)
+
+
+def shares_shards(config: PipelineConfig, *, world_size: int = 1, num_workers: int = 1) -> bool:
+    """Whether the workers of all ranks read every shard and split its samples: a pipeline that is
+    not resampled and has fewer shards than ranks x workers (else some workers would get nothing)."""
+    return not config.resampled and len(config.shards) < world_size * num_workers
+
+
 def shard_stages(config: PipelineConfig, *, rank: int = 0, world_size: int = 1, worker: int = 0,
                  num_workers: int = 1, epoch: int = 0) -> list:
     """The stages that choose this worker's shards, yielding {"url": path}."""
@@ -202,6 +229,8 @@ def shard_stages(config: PipelineConfig, *, rank: int = 0, world_size: int = 1, 
         return [wds.ResampledShards(config.shards, seed=_seeded("resample", config.seed, epoch).getrandbits(31),
                                     worker_seed=lambda: rank * num_workers + worker, deterministic=True)]
     order_seed = f"shards/{config.seed}/{epoch}" if config.shuffle else None  # same on every rank
+    if shares_shards(config, world_size=world_size, num_workers=num_workers):
+        return [wds.SimpleShardList(config.shards, seed=order_seed)]  # samples are split after reading
     return [
         wds.SimpleShardList(config.shards, seed=order_seed),
         partial(split_by_node, rank=rank, world_size=world_size),
@@ -226,7 +255,10 @@ def build_pipeline(
     handler = SampleHandler(config, counter if counter is not None else SkipCounter())
     encode: Callable[[dict], EncodedSample] = partial(encode_sample, template=template, transform=transform)
     stages = shard_stages(config, rank=rank, world_size=world_size, worker=worker, num_workers=num_workers, epoch=epoch)
-    stages.append(partial(read_tar_samples, handler=handler, max_member_bytes=config.max_member_bytes))
+    stages.append(partial(read_tar_samples, max_member_bytes=config.max_member_bytes))
+    if shares_shards(config, world_size=world_size, num_workers=num_workers):
+        stages.append(partial(split_samples, rank=rank, world_size=world_size, worker=worker, num_workers=num_workers))
+    stages.append(handler.check)
     if config.shuffle and config.shuffle_buffer > 1:
         rng = _seeded("samples", config.seed, epoch, rank, worker)
         stages.append(wds.shuffle(config.shuffle_buffer, initial=min(100, config.shuffle_buffer), rng=rng))
@@ -265,9 +297,6 @@ class ShardDataset(IterableDataset):
         self.config, self.template, self.transform, self.collator = config, template, transform, collator
         self.counter = counter if counter is not None else SkipCounter()
         self.rank, self.world_size = node_info(rank, world_size)
-        if not config.resampled and len(config.shards) < self.world_size:
-            raise ValueError(f"{len(config.shards)} shard(s) for {self.world_size} ranks: some ranks would get "
-                             "no data; write more shards or use resampled=True")
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -291,9 +320,9 @@ def build_dataloader(config: PipelineConfig, template: ChatTemplate, *, transfor
     """
     dataset = ShardDataset(config, template, transform=transform, collator=collator, counter=counter,
                            rank=rank, world_size=world_size)
-    if not config.resampled and len(config.shards) < dataset.world_size * max(num_workers, 1):
-        log.warning("%d shard(s) for %d rank(s) x %d worker(s): some workers will idle",
-                    len(config.shards), dataset.world_size, num_workers)
+    if shares_shards(config, world_size=dataset.world_size, num_workers=max(num_workers, 1)):
+        log.info("%d shard(s) for %d rank(s) x %d worker(s): every worker reads every shard and keeps its "
+                 "share of the samples", len(config.shards), dataset.world_size, max(num_workers, 1))
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                       persistent_workers=False)
 

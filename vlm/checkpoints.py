@@ -10,8 +10,10 @@ Nothing here unpickles arbitrary objects: torch files are read with `weights_onl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -121,19 +123,49 @@ def config_to_hf(config: LlamaConfig, *, dtype: torch.dtype = torch.float32) -> 
     }
 
 
-def config_from_meta(params: dict, *, vocab_size: int | None = None, source: str = "params.json") -> LlamaConfig:
-    """Meta's params.json derives the FFN size from `multiple_of` and `ffn_dim_multiplier`."""
+# Llama 3.2 text models whose params.json says `use_scaled_rope` but not the factor, keyed by
+# (dim, n_layers). Llama 3.1 (8B, 70B, 405B) and the 3.2 vision models' text towers use factor 8.
+_LLAMA32_TEXT_SHAPES = {(2048, 16): "Llama 3.2 1B", (3072, 28): "Llama 3.2 3B"}
+_LLAMA32_ROPE_FACTOR = 32.0
+
+
+def config_from_meta(
+    params: dict,
+    *,
+    vocab_size: int | None = None,
+    source: str = "params.json",
+    rope_scaling_factor: float | None = None,
+) -> LlamaConfig:
+    """Meta's params.json derives the FFN size from `multiple_of` and `ffn_dim_multiplier`.
+
+    The RoPE factor comes from `rope_scaling_factor` (argument, then file); a file that only says
+    `use_scaled_rope` gets 32 and tied embeddings for the Llama 3.2 text shapes (with a warning), 8
+    otherwise (Llama 3.1). An explicit factor enables scaling even without `use_scaled_rope`.
+    """
     dim = params["dim"]
     hidden = int(2 * (4 * dim) / 3)
     if params.get("ffn_dim_multiplier") is not None:
         hidden = int(params["ffn_dim_multiplier"] * hidden)
     multiple_of = params.get("multiple_of", 256)
     hidden = multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+    factor = rope_scaling_factor if rope_scaling_factor is not None else params.get("rope_scaling_factor")
+    llama32 = _LLAMA32_TEXT_SHAPES.get((dim, params["n_layers"])) if params.get("use_scaled_rope") else None
+    if llama32 is not None and factor is None:
+        warnings.warn(
+            f"{source}: use_scaled_rope without rope_scaling_factor and dim={dim}, n_layers={params['n_layers']}: "
+            f"assuming {llama32} (RoPE factor {_LLAMA32_ROPE_FACTOR:g}, tied embeddings). Override with "
+            "load_llama(..., rope_scaling_factor=...) or a rope_scaling_factor entry in params.json; a checkpoint "
+            "whose output.weight differs from tok_embeddings.weight loads untied.",
+            stacklevel=2,
+        )
+        factor = _LLAMA32_ROPE_FACTOR
     scaling = None
-    if params.get("use_scaled_rope"):
+    if factor is not None or params.get("use_scaled_rope"):
         scaling = RopeScaling(
-            factor=params.get("rope_scaling_factor") or 8.0,
-            high_freq_factor=params.get("high_freq_factor") or 4.0,
+            factor=8.0 if factor is None else factor,
+            low_freq_factor=params.get("low_freq_factor", 1.0),
+            high_freq_factor=params.get("high_freq_factor", 4.0),
+            original_max_position_embeddings=params.get("original_max_position_embeddings", 8192),
         )
     vocab = params.get("vocab_size", -1)
     if vocab is None or vocab <= 0:  # Llama 2 leaves it to the tokenizer
@@ -151,6 +183,7 @@ def config_from_meta(params: dict, *, vocab_size: int | None = None, source: str
         rope_theta=params.get("rope_theta", 10000.0),
         rope_scaling=scaling,
         max_seq_len=params.get("max_seq_len", 2048),
+        tie_embeddings=llama32 is not None,
     )
 
 
@@ -171,15 +204,28 @@ def hf_to_meta_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 # --- loading ---------------------------------------------------------------------------------
 
 
-def load_llama(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> Llama:
-    """Load a Llama from a Hugging Face directory or a Meta directory (detected by its files)."""
+def load_llama(
+    path: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    rope_scaling_factor: float | None = None,
+) -> Llama:
+    """Load a Llama from a Hugging Face directory or a Meta directory (detected by its files).
+
+    `rope_scaling_factor` overrides the Llama 3 RoPE factor of the checkpoint; Meta's params.json
+    often leaves it out and gets a guess (see `config_from_meta`).
+    """
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a directory holding a Llama checkpoint")
     if (path / "config.json").exists():
         config, state = _read_hf(path)
+        if rope_scaling_factor is not None:
+            scaling = dataclasses.replace(config.rope_scaling or RopeScaling(), factor=rope_scaling_factor)
+            config = dataclasses.replace(config, rope_scaling=scaling)
     elif (path / "params.json").exists():
-        config, state = _read_meta(path)
+        config, state = _read_meta(path, rope_scaling_factor=rope_scaling_factor)
     else:
         raise FileNotFoundError(f"{path}: neither config.json (Hugging Face) nor params.json (Meta) found")
     with torch.device("meta"):
@@ -230,7 +276,7 @@ def _read_hf(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
 _META_SHARD_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1}
 
 
-def _read_meta(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+def _read_meta(path: Path, *, rope_scaling_factor: float | None = None) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
     files = sorted(path.glob("consolidated.*.pth"))
     if not files:
         raise FileNotFoundError(f"{path}: params.json found but no consolidated.*.pth")
@@ -238,13 +284,26 @@ def _read_meta(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
     params = json.loads((path / "params.json").read_text())
     state = _merge_meta_shards(shards, dim=params["dim"])
     state.pop("rope.freqs", None)  # Llama 2 stores its rotary table; we compute it
-    config = config_from_meta(params, vocab_size=state["tok_embeddings.weight"].shape[0], source=str(path / "params.json"))
+    config = config_from_meta(params, vocab_size=state["tok_embeddings.weight"].shape[0],
+                              source=str(path / "params.json"), rope_scaling_factor=rope_scaling_factor)
+    config = _tie_from_weights(config, state)
     for key in list(state):
         if key.endswith("attention.wq.weight"):
             state[key] = meta_to_hf_rotary(state[key], config.n_heads)
         elif key.endswith("attention.wk.weight"):
             state[key] = meta_to_hf_rotary(state[key], config.n_kv_heads)
     return config, state
+
+
+def _tie_from_weights(config: LlamaConfig, state: dict[str, torch.Tensor]) -> LlamaConfig:
+    """Meta files record tying only in their weights: no output.weight means tied, and an
+    output.weight that differs from the embeddings means untied, whatever the shape table says."""
+    output = state.get("output.weight")
+    if output is None:
+        return dataclasses.replace(config, tie_embeddings=True)
+    if config.tie_embeddings and not torch.equal(output, state["tok_embeddings.weight"]):
+        return dataclasses.replace(config, tie_embeddings=False)
+    return config
 
 
 def _merge_meta_shards(shards: list[dict[str, torch.Tensor]], *, dim: int) -> dict[str, torch.Tensor]:
@@ -305,11 +364,16 @@ def _split_by_size(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[
 
 
 def save_llama_meta(model: Llama, path: str | Path) -> None:
-    """Write `params.json` + `consolidated.00.pth` in Meta's layout (interleaved rotary rows)."""
+    """Write `params.json` + `consolidated.00.pth` in Meta's layout (interleaved rotary rows).
+
+    A tied model is written without output.weight, which is how `load_llama` knows it is tied.
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     c = model.config
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    if c.tie_embeddings:
+        del state["output.weight"]
     for key in state:
         if key.endswith("attention.wq.weight"):
             state[key] = hf_to_meta_rotary(state[key], c.n_heads)

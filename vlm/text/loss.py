@@ -16,14 +16,8 @@ from vlm.text.chat import IGNORE_INDEX
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk_size: int, ignore_index: int):  # noqa: ANN001
-        # hidden [N, D], weight [V, D], labels [N]
-        device = hidden.device.type
-        # Under autocast the matmuls run in its dtype (as the head would), softmax in float32, and the
-        # weight gradient accumulates in float32; autocast itself is off so that dtypes stay explicit.
-        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-        with torch.autocast(device, enabled=False):
-            total, grad_h, grad_w = _chunked(hidden, weight.to(compute), labels, chunk_size, ignore_index,
-                                             need_h=ctx.needs_input_grad[0], need_w=ctx.needs_input_grad[1])
+        total, grad_h, grad_w = _loss_and_grads(hidden, weight, labels, chunk_size, ignore_index,
+                                                need_h=ctx.needs_input_grad[0], need_w=ctx.needs_input_grad[1])
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return total
@@ -36,6 +30,16 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             grad_w = grad_w * grad_out if grad_w is not None else None
         grad_w = grad_w.to(ctx.weight_dtype) if grad_w is not None else None
         return grad_h, grad_w, None, None, None
+
+
+def _loss_and_grads(hidden, weight, labels, chunk_size, ignore_index, *, need_h: bool, need_w: bool):
+    # hidden [N, D], weight [V, D], labels [N]
+    device = hidden.device.type
+    # Under autocast the matmuls run in its dtype (as the head would), softmax in float32, and the
+    # weight gradient accumulates in float32; autocast itself is off so that dtypes stay explicit.
+    compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    with torch.autocast(device, enabled=False):
+        return _chunked(hidden, weight.to(compute), labels, chunk_size, ignore_index, need_h=need_h, need_w=need_w)
 
 
 def _chunked(hidden, weight, labels, chunk_size, ignore_index, *, need_h: bool, need_w: bool):
@@ -82,7 +86,12 @@ def fused_linear_cross_entropy(
     """
     if chunk_size is None:
         chunk_size = default_chunk_size(weight.shape[0])
-    return _FusedLinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), chunk_size, ignore_index)
+    args = (hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), chunk_size, ignore_index)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _FusedLinearCrossEntropy.apply(*args)
+    # Inside apply() needs_input_grad follows requires_grad even under no_grad: validation would pay
+    # for both gradients (a [V, D] buffer and the softmax gradient) and throw them away.
+    return _loss_and_grads(*args, need_h=False, need_w=False)[0]
 
 
 def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:

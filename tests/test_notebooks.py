@@ -1,10 +1,16 @@
-"""Both notebooks execute headlessly with small settings; the committed files carry no outputs."""
+"""Both notebooks execute headlessly with small settings; the committed files carry no outputs;
+notebook 02's parameter table counts trainable parameters only."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import nbformat
+import pandas as pd
 import pytest
 from nbclient import NotebookClient
+from tiny_models import tiny_model
+
+from vlm.stages import set_trainable
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
@@ -17,6 +23,28 @@ def test_notebooks_are_committed_without_outputs():
             if cell.cell_type == "code":
                 assert not cell.outputs and cell.execution_count is None, f"{path.name}: strip outputs before committing"
                 assert "def " not in cell.source and "class " not in cell.source, f"{path.name}: define things in vlm, not here"
+
+
+def code_after(path: Path, heading: str) -> str:
+    """Source of the first code cell after the markdown cell that starts with `heading`."""
+    cells = nbformat.read(path, as_version=4).cells
+    start = next(i for i, c in enumerate(cells) if c.cell_type == "markdown" and c.source.startswith(heading))
+    return next(c.source for c in cells[start + 1 :] if c.cell_type == "code")
+
+
+@pytest.mark.parametrize("fusion", ["llava", "flamingo"])
+def test_swap_notebook_counts_trainable_parameters_only(fusion):
+    # The recipe trains everything, so the notebook's own run cannot tell trainable from total:
+    # run its table cell on a model whose text and vision parts are frozen.
+    model = tiny_model(fusion)
+    table = set_trainable(model, "align")
+    namespace = {"pd": pd, "runs": {fusion: SimpleNamespace(model=SimpleNamespace(parameter_table=table))}}
+    exec(code_after(NOTEBOOKS[1], "## Trainable parameters"), namespace)
+    column = namespace["trainable"][fusion]
+    assert table.frozen > 0
+    assert column["total"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert column["fusion"] == sum(p.numel() for p in model.fusion.parameters())
+    assert column["text"] == column["vision"] == 0
 
 
 @pytest.mark.slow

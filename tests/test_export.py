@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -184,3 +186,21 @@ def test_failed_save_leaves_no_partial_directory(existing, tmp_path, monkeypatch
     assert [p.name for p in tmp_path.iterdir()] == (["m"] if existing else [])
     if existing:  # the previous model is untouched
         assert torch.equal(_logits(load_model(tmp_path / "m")), _logits(old))
+
+
+@pytest.mark.parametrize("umask, folder_mode, file_mode", [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)])
+def test_modes_follow_the_umask(umask, folder_mode, file_mode, tokenizer, tmp_path):
+    old = os.umask(umask)
+    try:
+        model = tiny_model_for(tokenizer)
+        save_model(model, tmp_path / "m", tokenizer=tokenizer)
+        save_model(model, tmp_path / "m", tokenizer=tokenizer, overwrite=True)  # the replacing path too
+    finally:
+        os.umask(old)
+    folders = [tmp_path / "m", *(p for p in (tmp_path / "m").rglob("*") if p.is_dir())]
+    files = [p for p in (tmp_path / "m").rglob("*") if p.is_file()]
+    assert {"vision.safetensors", "fusion.safetensors", "tokenizer.json", "config.json"} <= {p.name for p in files}
+    assert any(p.suffix == ".safetensors" and p.parent.name == "text" for p in files)
+    assert {p.relative_to(tmp_path).as_posix(): oct(stat.S_IMODE(p.stat().st_mode)) for p in folders + files} == {
+        **{p.relative_to(tmp_path).as_posix(): oct(folder_mode) for p in folders},
+        **{p.relative_to(tmp_path).as_posix(): oct(file_mode) for p in files}}

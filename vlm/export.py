@@ -7,7 +7,9 @@
     D/tokenizer.json       when a tokenizer was given
 
 A directory is written under a temporary name next to its target and renamed when complete, so a
-crash never leaves a half-written model under the final name. Tensors that alias one another
+crash never leaves a half-written model under the final name. Its folders and files get the modes
+the umask gives (0755 and 0644 under umask 0022), not those of the temporary folder (0700) or of
+safetensors (0600). Tensors that alias one another
 (tied weights) are stored once and listed in the file's metadata; everything read is JSON or
 safetensors, so loading never unpickles.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -58,10 +61,38 @@ def save_model(model: VisionLanguageModel, path: str | Path, *, tokenizer: Token
         save_tensors(model.fusion.state_dict(), tmp / FUSION_FILE)
         if tokenizer is not None:
             tokenizer.save(tmp / TOKENIZER_FILE)
+        _apply_umask(tmp)
         _move_into_place(tmp, path, replace=replace)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (threads may be creating
+    files meanwhile), else by the set-and-restore idiom."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _apply_umask(root: Path) -> None:
+    """Give `root` and everything in it the modes a plain mkdir / open would: the temporary
+    folder is 0700 and safetensors writes 0600 files, whatever the umask."""
+    mask = _umask()
+    os.chmod(root, 0o777 & ~mask)
+    for folder, folders, files in os.walk(root):
+        for name in folders:
+            os.chmod(os.path.join(folder, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(folder, name), 0o666 & ~mask)
 
 
 def _config_json(config: VLMConfig) -> str:
@@ -81,10 +112,11 @@ def _check_target(path: Path, *, overwrite: bool) -> bool:
     if not any(path.iterdir()):
         return True
     if not overwrite:
-        raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True to replace it")
+        raise FileExistsError(f"{path} exists and is not empty; pass --overwrite (overwrite=True in Python) "
+                              "to replace it")
     if not (path / CONFIG_FILE).is_file() or not (path / TEXT_DIR).is_dir():
         raise FileExistsError(f"{path} is not a vlm model directory (no {CONFIG_FILE} and {TEXT_DIR}/); "
-                              "refusing to replace it even with overwrite=True")
+                              "refusing to replace it even with --overwrite (overwrite=True)")
     return True
 
 
@@ -199,8 +231,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist")
     if not file.is_file():
-        raise FileNotFoundError(f"model directory {path} has no {TOKENIZER_FILE}; "
-                                "save the model with save_model(..., tokenizer=...)")
+        raise FileNotFoundError(f"model directory {path} has no {TOKENIZER_FILE}; export it again with "
+                                "`vlm export --tokenizer tokenizer.json` (save_model(..., tokenizer=...) in Python)")
     tokenizer = Tokenizer.from_file(file, extra_special_tokens=())
     if (path / CONFIG_FILE).is_file():
         check_tokenizer(tokenizer, read_config(path), source=str(file))

@@ -5,8 +5,10 @@
     vlm data from-llava --json llava_v1_5_mix665k.json --images data/llava --out data/llava-shards
     vlm data from-folder my_images --out data/mine
 
-Each prints a final summary (samples written, skipped by reason). Exit code: 0 on success,
-1 when every sample was skipped (usually a wrong --images path), 2 on bad input or arguments.
+Converters write train-*.tar (or val-*.tar with --split val, or both with --val-fraction F) and
+end with a summary: samples per split with the shard glob to give a recipe, inputs skipped by
+reason. Exit code: 0 on success; 2 on bad arguments or input (a missing folder or file, bad JSON,
+no usable sample at all), with a one-line error on stderr.
 """
 
 from __future__ import annotations
@@ -33,14 +35,30 @@ def parse_bytes(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
+def _positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"not a positive whole number: {text!r}")
+    return int(text)
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"not a fraction between 0 and 1 (exclusive): {text!r}")
+    return value
+
+
 def _shard_options(shard_size: int) -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
-    parent.add_argument("--shard-size", type=int, default=shard_size,
+    parent.add_argument("--shard-size", type=_positive_int, default=shard_size,
                         help="most samples per shard (default %(default)s)")
     parent.add_argument("--shard-bytes", type=parse_bytes, default=parse_bytes("1GiB"),
                         help="most bytes per shard, e.g. 500M, 1GiB (default 1GiB)")
     parent.add_argument("--overwrite", action="store_true",
-                        help="replace existing shards with the same prefix in --out")
+                        help="replace existing shards of the same split(s) in --out")
     parent.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parent
 
@@ -49,7 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlm data", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     converter = _shard_options(10_000)
-    converter.add_argument("--prefix", default="shard", help="shard names: PREFIX-000000.tar")
+    splits = converter.add_mutually_exclusive_group()
+    splits.add_argument("--split", choices=["train", "val"], default="train",
+                        help="write every sample to SPLIT-000000.tar ... (default train)")
+    splits.add_argument("--val-fraction", type=_fraction, default=0.0, metavar="F",
+                        help="write train-*.tar and val-*.tar, about F of the samples in val, "
+                             "chosen by a hash of each sample's key (from-coco: of its image, so "
+                             "an image's captions stay together): the same input always splits "
+                             "the same way")
 
     p = commands.add_parser("shapes", parents=[_shard_options(1000)],
                             help="synthetic shapes: caption, chat and interleaved shards")
@@ -77,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("from-folder", parents=[converter],
                             help="images with same-stem .txt captions")
-    p.add_argument("folder", type=Path)
+    p.add_argument("folder", type=Path, help="searched recursively for images ("
+                   + ", ".join(convert.IMAGE_SUFFIXES) + ") with a same-name .txt caption")
     p.add_argument("--out", type=Path, required=True)
     return parser
 
@@ -101,7 +127,8 @@ def _run_shapes(args: argparse.Namespace) -> int:
 
 
 def _run_converter(args: argparse.Namespace) -> int:
-    options = {"prefix": args.prefix, "max_count": args.shard_size, "max_bytes": args.shard_bytes,
+    options = {"split": args.split, "val_fraction": args.val_fraction,
+               "max_count": args.shard_size, "max_bytes": args.shard_bytes,
                "overwrite": args.overwrite, "progress": not args.no_progress}
     if args.command == "from-coco":
         summary = convert.convert_coco(args.captions, args.images, args.out, per=args.per, **options)
@@ -110,8 +137,8 @@ def _run_converter(args: argparse.Namespace) -> int:
         summary = convert.convert_llava(args.json, images, args.out, **options)
     else:
         summary = convert.convert_folder(args.folder, args.out, **options)
-    print(f"{args.command} -> {args.out}\n{summary.describe()}")
-    return 1 if summary.written == 0 and summary.skipped else 0
+    print(f"{args.command}:\n{summary.describe()}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,9 +146,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _run_shapes(args) if args.command == "shapes" else _run_converter(args)
-    except (convert.InputError, FileExistsError, ValueError) as err:
-        print(f"vlm data {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except convert.NoSamplesError as err:
+        if err.summary.skipped:  # the example keys of each skip reason, for the user to look at
+            print(f"{args.command}:\n{err.summary.describe()}")
+        return _error(args.command, err)
+    except (ValueError, OSError) as err:  # InputError, FileExistsError, PermissionError, ...
+        return _error(args.command, err)
+
+
+def _error(command: str, err: Exception) -> int:
+    """Print `err` as one line on stderr (no traceback: it is about the input, not a bug)."""
+    print(f"vlm data {command}: error: {' '.join(str(err).split())}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

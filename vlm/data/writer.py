@@ -2,17 +2,22 @@
 
 A sample is a mapping `{"__key__": str, ext: value, ...}`; each `ext` becomes the tar member
 `{key}.{ext}`. Values may be `bytes` (written as is), `str` (UTF-8) or a dict/list (JSON).
-Shards are named `{prefix}-{index:06d}.tar`. Each shard is written to `{name}.tmp` and renamed
-only once complete, so a crash never leaves a half-written shard under a final name (readers glob
-`*.tar` and never see the `.tmp`). The writer never splits a sample across shards.
+Shards are named `{prefix}-{index:06d}.tar` (prefix `train` by default, the name the recipes
+glob). Each shard is written to `{name}.tmp` and renamed only once complete, so a crash never
+leaves a half-written shard under a final name (readers glob `*.tar` and never see the `.tmp`).
+The writer never splits a sample across shards. `SplitWriter` writes train and val shards side by
+side, a sample's split chosen by a hash of its key.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
 import json
 import os
 import re
+import shlex
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -22,6 +27,7 @@ from typing import Any, Mapping
 _KEY_CHAR = re.compile(r"[^A-Za-z0-9_-]")
 _EXTENSION = re.compile(r"^[a-z0-9_]+(\.[a-z0-9_]+)*$")
 _MAX_EXAMPLES = 3  # keys remembered per skip reason, for the summary
+_RECIPE_FLAGS = {"train": "--data.train_shards", "val": "--data.val_shards"}
 
 
 def sanitize_key(key: str) -> str:
@@ -76,13 +82,16 @@ class WriteSummary:
         """One human-readable paragraph: written, shards, bytes, then each skip reason."""
         lines = [f"wrote {self.written} samples in {len(self.shards)} shards "
                  f"({self.bytes_written / 1e6:.1f} MB)"]
+        return "\n".join(lines + self._skip_lines("samples"))
+
+    def _skip_lines(self, unit: str) -> list[str]:
         total = sum(self.skipped.values())
-        lines.append(f"skipped {total} samples" + (":" if total else ""))
+        lines = [f"skipped {total} {unit}" + (":" if total else "")]
         for reason, count in sorted(self.skipped.items()):
             keys = self.examples.get(reason, [])
             hint = f" (e.g. {', '.join(keys)})" if keys else ""
             lines.append(f"  {reason}: {count}{hint}")
-        return "\n".join(lines)
+        return lines
 
 
 class ShardWriter:
@@ -97,10 +106,11 @@ class ShardWriter:
     first (so no stale shard from an earlier, longer run survives).
     """
 
-    def __init__(self, out_dir: str | os.PathLike, *, prefix: str = "shard",
+    def __init__(self, out_dir: str | os.PathLike, *, prefix: str = "train",
                  max_count: int = 10_000, max_bytes: int = 1 << 30, overwrite: bool = False):
         if max_count < 1 or max_bytes < 1:
-            raise ValueError(f"max_count and max_bytes must be >= 1, got {max_count}, {max_bytes}")
+            raise ValueError(f"shard size (--shard-size, max_count) and shard bytes (--shard-bytes, "
+                             f"max_bytes) must be >= 1, got {max_count} and {max_bytes}")
         if not prefix or sanitize_key(prefix) != prefix or "/" in prefix:
             raise ValueError(f"shard prefix {prefix!r} must be a plain name of [A-Za-z0-9_-]")
         self.out_dir = Path(out_dir)
@@ -120,7 +130,8 @@ class ShardWriter:
         existing = sorted(p for p in self.out_dir.iterdir() if pattern.match(p.name))
         if existing and not overwrite:
             raise FileExistsError(f"{self.out_dir} already holds shards {self.prefix}-*.tar "
-                                  f"(e.g. {existing[0].name}); pass overwrite=True (--overwrite) to replace them")
+                                  f"(e.g. {existing[0].name}); pass --overwrite "
+                                  "(overwrite=True in Python) to replace them")
         for path in existing:
             path.unlink()
 
@@ -213,6 +224,104 @@ class ShardWriter:
             self.close()
         elif self._tar is not None:
             self._abort_shard()
+
+
+def split_of(group: str, val_fraction: float) -> str:
+    """"val" for about `val_fraction` of all groups, "train" for the rest, by a hash of `group`:
+    the same group always lands in the same split, whatever else the input holds."""
+    digest = hashlib.blake2b(group.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+    return "val" if int.from_bytes(digest, "big") < val_fraction * 2**64 else "train"
+
+
+@dataclass
+class SplitSummary(WriteSummary):
+    """A `WriteSummary` over the splits of one folder, plus the samples written per split.
+
+    Skips are counted here, not per split: a skipped sample belongs to no split.
+    """
+
+    out: str = "."
+    splits: dict[str, int] = field(default_factory=dict)  # split (shard prefix) -> samples
+
+    def shard_glob(self, split: str) -> str:
+        return os.path.join(self.out, f"{split}-*.tar")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**super().as_dict(), "splits": dict(self.splits)}
+
+    def describe(self) -> str:
+        """Samples per split with the shard glob to give a recipe, then skips by reason."""
+        lines = [f"wrote {self.written} samples in {len(self.shards)} shards "
+                 f"({self.bytes_written / 1e6:.1f} MB) to {self.out}"]
+        for split, count in self.splits.items():
+            if not count:
+                lines.append(f"  {split}: 0 samples, no {split}-*.tar written")
+                continue
+            where = shlex.quote(self.shard_glob(split))
+            flag = _RECIPE_FLAGS.get(split)
+            lines.append(f"  {split}: {count} samples -> {flag + ' ' if flag else ''}{where}")
+        return "\n".join(lines + self._skip_lines("inputs"))
+
+
+class SplitWriter:
+    """Write one split (`split`-*.tar) or, with `val_fraction`, train-*.tar and val-*.tar into
+    one folder, a sample going to val when `split_of(group or its key, val_fraction)` says so.
+
+    Keys are unique over all splits (a repeated key is skipped as "duplicate key"). `summary`
+    is complete once the writer is closed. `writer_args` go to each `ShardWriter`.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, *, split: str = "train",
+                 val_fraction: float = 0.0, **writer_args: Any):
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"val fraction must be >= 0 and < 1, got {val_fraction}")
+        if val_fraction and split != "train":
+            raise ValueError(f"a val fraction writes both train and val shards: pass --split {split} "
+                             "or --val-fraction, not both (split= or val_fraction= in Python)")
+        self.val_fraction = val_fraction
+        names = ("train", "val") if val_fraction else (split,)
+        self.writers = {name: ShardWriter(out_dir, prefix=name, **writer_args) for name in names}
+        self.summary = SplitSummary(out=str(out_dir))
+        self._keys: set[str] = set()
+        self._stack = contextlib.ExitStack()
+        for writer in self.writers.values():
+            self._stack.enter_context(writer)
+
+    def write(self, sample: Mapping[str, Any], *, group: str | None = None) -> bool:
+        """Write one sample to its split; return False (and count it) if its key was written."""
+        key = sanitize_key(sample.get("__key__", ""))
+        if key in self._keys:
+            self.skip("duplicate key", key=key)
+            return False
+        self._keys.add(key)
+        if not self.val_fraction:
+            return self.writers[next(iter(self.writers))].write(sample)
+        return self.writers[split_of(key if group is None else group, self.val_fraction)].write(sample)
+
+    def skip(self, reason: str, *, key: str | None = None) -> None:
+        """Count an input the caller could not write."""
+        self.summary.skip(reason, key)
+
+    def close(self) -> SplitSummary:
+        """Finish every split's open shard and return the summary (once complete, it stays)."""
+        if self.summary.splits:
+            return self.summary
+        self._stack.close()
+        for name, writer in self.writers.items():
+            self.summary.splits[name] = writer.summary.written
+            self.summary.written += writer.summary.written
+            self.summary.shards += writer.summary.shards
+            self.summary.bytes_written += writer.summary.bytes_written
+        return self.summary
+
+    def __enter__(self) -> "SplitWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._stack.__exit__(exc_type, exc, tb)
 
 
 def _padded(size: int) -> int:

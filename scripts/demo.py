@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     configs = recipe_files("shapes", f"fusion/{args.fusion}")
-    print("$ vlm fit " + " ".join(f"--config {c.relative_to(ROOT)}" for c in configs) + " " + " ".join(overrides), flush=True)
-    fit(configs, out, overrides=overrides)
+    print("$ vlm fit " + " ".join(f"--config {c.relative_to(ROOT)}" for c in configs) + " --overwrite " + " ".join(overrides), flush=True)
+    fit(configs, out, overrides=overrides, overwrite=True)  # the demo always trains afresh
     times["data + training"] = time.perf_counter() - start
 
     start = time.perf_counter()

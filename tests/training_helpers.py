@@ -96,3 +96,50 @@ class PoisonBatch(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if batch_idx == self.step:
             self.after = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+
+class RaggedStops(L.Callback):
+    """During validation, rank r's captions stop after 2 + 4 * r tokens (rank 0: 2, rank 1: 6),
+    as when ranks' rows reach the stop token at different steps; writes, per rank, the caption
+    lengths and the validation metrics to `out/val_rank{r}.json`."""
+
+    def __init__(self, out: str) -> None:
+        self.out, self.lengths = Path(out), []
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        import torch
+
+        import vlm.generation as generation
+        import vlm.model as model
+
+        if getattr(model.decode, "ragged", False):
+            return
+        original, real_sample = model.decode, generation.sample_next
+        tokenizer = trainer.datamodule.tokenizer
+        stop_after, eot, filler = 2 + 4 * trainer.global_rank, tokenizer.eot_id, tokenizer.encode("a")[0]
+
+        def decode(step, first_logits, config, **kwargs):
+            calls = [0]
+
+            def sample(logits, cfg, generator=None):
+                calls[0] += 1
+                token = real_sample(logits, cfg, generator)
+                return torch.full_like(token, eot if calls[0] > stop_after else filler)
+
+            generation.sample_next = sample
+            try:
+                outputs = original(step, first_logits, config, **kwargs)
+            finally:
+                generation.sample_next = real_sample
+            self.lengths += [len(o) for o in outputs]
+            return outputs
+
+        decode.ragged = True
+        model.decode = decode
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        import json
+
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / f"val_rank{trainer.global_rank}.json").write_text(json.dumps({"lengths": self.lengths, "metrics": metrics}))

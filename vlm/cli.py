@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from vlm.errors import UserError
+
 COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("vlm.text.tokenizer:main", "train a byte-level BPE tokenizer"),
     "data": ("vlm.data.cli:main", "make shards: synthetic shapes, COCO, LLaVA, image folders"),
@@ -28,13 +30,15 @@ _KEEP_NAME = {"fit", "validate", "test", "predict"}
 
 def _usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = ["usage: vlm <command> [args...]", "", "commands:"]
+    lines = ["usage: vlm <command> [args...] [--debug]", "", "commands:"]
     lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # full tracebacks for every error
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in {"-h", "--help"}:
         print(_usage())
         return 0
@@ -44,7 +48,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module_name, func_name = COMMANDS[name][0].split(":")
     func = getattr(importlib.import_module(module_name), func_name)
-    result = func([name, *rest] if name in _KEEP_NAME else rest)
+    try:
+        result = func([name, *rest] if name in _KEEP_NAME else rest)
+    except (UserError, FileNotFoundError) as error:
+        if debug:
+            raise
+        print(f"vlm {name}: {error}", file=sys.stderr)
+        return 2
     return int(result or 0)
 
 

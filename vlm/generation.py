@@ -72,10 +72,14 @@ def decode(
     config: SamplingConfig,
     *,
     generator: torch.Generator | None = None,
+    all_finished: Callable[[bool], bool] | None = None,
 ) -> list[list[int]]:
     """Run the sampling loop from the prompt's last logits [B, V].
 
     `step(tokens [B, 1]) -> logits [B, V]` advances the model by one token (with its cache).
+    `all_finished(local_done) -> bool` decides when to stop from this process's answer, e.g. by
+    asking every rank (see `ranks_finished`): rows already finished keep stepping, their tokens
+    dropped, so that sharded models issue the same collectives on every rank.
     Returns each row's new tokens, up to and excluding its first stop token.
     """
     batch = first_logits.shape[0]
@@ -89,10 +93,20 @@ def decode(
         for row in (~done & ~hit_stop).nonzero().flatten().tolist():
             out[row].append(int(token[row]))
         done |= hit_stop
-        if bool(done.all()) or i == config.max_new_tokens - 1:
+        if i == config.max_new_tokens - 1:
+            break
+        finished = bool(done.all())
+        if (all_finished(finished) if all_finished is not None else finished):
             break
         logits = step(token[:, None])
     return out
+
+
+def ranks_finished(local_done: bool, *, device: torch.device) -> bool:
+    """True when every rank of the default process group is done: one all-reduce per call."""
+    unfinished = torch.tensor([0 if local_done else 1], dtype=torch.int32, device=device)
+    torch.distributed.all_reduce(unfinished)
+    return int(unfinished) == 0
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ from torch import nn
 
 from vlm.checkpoints import load_llama
 from vlm.fusion import Fusion, FusionConfig, build_fusion
-from vlm.generation import SamplingConfig, decode, left_pad
+from vlm.generation import SamplingConfig, decode, left_pad, ranks_finished
 from vlm.text.llama import Cache, Llama, LlamaConfig
 from vlm.text.loss import fused_linear_cross_entropy, shift_labels
 from vlm.vision import VisionConfig, VisionEncoder, build_vision_encoder
@@ -136,13 +136,23 @@ class VisionLanguageModel(nn.Module):
         generator: torch.Generator | None = None,
         use_cache: bool = True,
         vocab_size: int | None = None,
+        sync_ranks: bool | None = None,
     ) -> list[list[int]]:
         """Continue each prompt. `prompts[i]` holds one `<|image|>` token per image in `images[i]`
         (transformed tensors [3, H, W]); the model expands them as its fusion needs.
         `vocab_size` limits sampling to the tokenizer's ids when the embedding table is larger.
+
+        `sync_ranks`: every rank of the process group decodes the same number of steps (one
+        all-reduce per step decides when all are done), as a sharded model needs: each step
+        gathers its shards with collectives that all ranks must join. The default (None) syncs
+        when the model is sharded (FSDP1/FSDP2/tensor parallel) and more than one rank runs; every
+        rank must then call generate the same number of times.
         Returns the new tokens of each prompt, stop token excluded."""
         config = SamplingConfig(max_new_tokens, temperature, top_k, top_p, tuple(stop_tokens))
         batch = self._prompt_batch(images, prompts, pad_id)
+        if sync_ranks is None:
+            sync_ranks = is_sharded(self) and torch.distributed.get_world_size() > 1
+        all_finished = (lambda done: ranks_finished(done, device=batch.input_ids.device)) if sync_ranks else None
 
         def next_logits(h: torch.Tensor) -> torch.Tensor:
             logits = self.text.output(h[:, -1])
@@ -157,7 +167,7 @@ class VisionLanguageModel(nn.Module):
                 batch.attention_mask = torch.cat([batch.attention_mask, torch.ones_like(token)], 1)
                 return next_logits(self.hidden(batch)[0])
 
-            return decode(step, next_logits(self.hidden(batch)[0]), config, generator=generator)
+            return decode(step, next_logits(self.hidden(batch)[0]), config, generator=generator, all_finished=all_finished)
         cache = self.text.new_cache(batch.input_ids.shape[0], batch.input_ids.shape[1] + max_new_tokens)
         h, state = self.hidden(batch, cache=cache)
         holder = {"state": state}
@@ -166,7 +176,7 @@ class VisionLanguageModel(nn.Module):
             h, holder["state"] = self.hidden(ModelInput(token), cache=cache, state=holder["state"])
             return next_logits(h)
 
-        return decode(step, next_logits(h), config, generator=generator)
+        return decode(step, next_logits(h), config, generator=generator, all_finished=all_finished)
 
     def _prompt_batch(self, images, prompts: Sequence[Sequence[int]], pad_id: int) -> ModelInput:
         device = self.text.tok_embeddings.weight.device
@@ -205,6 +215,18 @@ class VisionLanguageModel(nn.Module):
                 new = old.mean(0, keepdim=True).expand(ours.vocab_size - theirs.vocab_size, -1)
                 state[key] = torch.cat([old, new], 0)
         self.text.load_state_dict(state, strict=True)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether `model` holds parameters split across ranks (FSDP2/tensor-parallel DTensors, or
+    FSDP1 units): running it then takes collectives that every rank must join."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.tensor import DTensor
+
+    return (any(isinstance(p, DTensor) for p in model.parameters())
+            or any(isinstance(m, FullyShardedDataParallel) for m in model.modules()))
 
 
 def build_model(config: VLMConfig) -> VisionLanguageModel:

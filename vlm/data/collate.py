@@ -38,6 +38,7 @@ class Batch:
         pixel_values: [N, 3, H, W] float, all images of the batch in sample order then order of
             appearance; None if the batch has no image.
         image_sample_index: [N] long, the row of `input_ids` each image belongs to; None if no image.
+        keys: each row's sample key (`__key__`), for predictions and error messages.
     """
 
     input_ids: torch.Tensor
@@ -45,6 +46,7 @@ class Batch:
     attention_mask: torch.Tensor
     pixel_values: torch.Tensor | None = None
     image_sample_index: torch.Tensor | None = None
+    keys: tuple[str, ...] | None = None
 
     def to(self, device: torch.device | str, *, non_blocking: bool = False) -> Batch:
         """A copy with every tensor on `device`."""
@@ -55,7 +57,7 @@ class Batch:
         return self._map(lambda t: t.pin_memory())
 
     def _map(self, fn) -> Batch:
-        return Batch(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
+        return Batch(**{f.name: fn(value) if isinstance(value := getattr(self, f.name), torch.Tensor) else value
                         for f in fields(self)})
 
 
@@ -96,10 +98,11 @@ class Collator:
             attention_mask[row, : len(ids)] = 1
             images += row_images
             owners += [row] * len(row_images)
+        keys = tuple(sample.key for sample in samples)
         if not images:
-            return Batch(input_ids, labels, attention_mask)
+            return Batch(input_ids, labels, attention_mask, keys=keys)
         pixel_values = _stack_images(images, [samples[row].key for row in owners])
-        return Batch(input_ids, labels, attention_mask, pixel_values, torch.tensor(owners, dtype=torch.long))
+        return Batch(input_ids, labels, attention_mask, pixel_values, torch.tensor(owners, dtype=torch.long), keys)
 
     def expand(self, sample: EncodedSample) -> tuple[torch.Tensor, torch.Tensor, list]:
         """Expanded (and possibly truncated) ids [T'], labels [T'] and the images kept."""

@@ -3,12 +3,15 @@ data position that lets a resumed run continue with the next unseen batch."""
 
 from __future__ import annotations
 
+import json
+import os
 import random
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info
 
 from vlm.eval.grid import caption_grid, to_pil
 
@@ -28,12 +31,44 @@ class TrainingState(L.Callback):
 
     def state_dict(self) -> dict:
         version, internal, gauss = random.getstate()
-        return {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss]}
+        state = {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss]}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         torch.set_rng_state(state["torch"])
         version, internal, gauss = state["python"]
         random.setstate((version, tuple(internal), gauss))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
+
+
+class CaptionWriter(BasePredictionWriter):
+    """`vlm predict`: every rank's captions, gathered and written by rank 0 as JSONL sorted by key,
+    one {"key", "caption", "reference"} object a line (written to a temporary file, then renamed)."""
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__(write_interval="batch")
+        self.path = Path(path)
+        self.rows: list[dict] = []
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx) -> None:
+        self.rows += prediction
+
+    def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        rows, self.rows = self.rows, []
+        if trainer.world_size > 1 and torch.distributed.is_initialized():
+            gathered: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, rows)
+            rows = [row for part in gathered for row in part]
+        if trainer.global_rank != 0:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in sorted(rows, key=lambda r: r["key"])))
+        os.replace(tmp, self.path)
+        rank_zero_info(f"{len(rows)} captions -> {self.path}")
 
 
 class CaptionGrid(L.Callback):
@@ -43,15 +78,17 @@ class CaptionGrid(L.Callback):
         self.max_images, self.columns, self.scale = max_images, columns, scale
         self.last_path: Path | None = None
 
-    @rank_zero_only
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Not on_validation_epoch_end: callbacks run before the module's hook that collects captions.
+        if trainer.sanity_checking:
+            return
+        log_dir = trainer.log_dir  # a collective under multi-rank strategies: every rank asks
         captions = [c for c in pl_module.last_captions if c[0] is not None][: self.max_images]
-        if not captions or trainer.sanity_checking:
+        if not captions or trainer.global_rank != 0:
             return
         transform = pl_module.model.vision.transform
         grid = caption_grid([(to_pil(img, transform), pred, ref) for img, pred, ref in captions], columns=self.columns, scale=self.scale)
-        folder = Path(trainer.log_dir or trainer.default_root_dir) / "captions"
+        folder = Path(log_dir or trainer.default_root_dir) / "captions"
         folder.mkdir(parents=True, exist_ok=True)
         self.last_path = folder / f"step{trainer.global_step:06d}.png"
         grid.save(self.last_path)

@@ -41,6 +41,8 @@ class VLMDataModule(L.LightningDataModule):
 
     Args:
         train_shards / val_shards: shard paths, globs or brace patterns.
+        test_shards: what `vlm test` scores (the validation metrics); predict_shards: what
+            `vlm predict` captions.
         tokenizer: a tokenizer.json; trained on the training text (`tokenizer_vocab_size`) if missing.
         shapes: when set, the synthetic shapes set is generated first if its manifest is missing.
         handler: "skip" (count and drop bad samples) or "strict" (raise naming shard and key).
@@ -51,6 +53,8 @@ class VLMDataModule(L.LightningDataModule):
         *,
         train_shards: str | list[str],
         val_shards: str | list[str] | None = None,
+        test_shards: str | list[str] | None = None,
+        predict_shards: str | list[str] | None = None,
         tokenizer: str = "data/shapes/tokenizer.json",
         tokenizer_vocab_size: int = 512,
         shapes: ShapesSpec | None = None,
@@ -65,6 +69,7 @@ class VLMDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.train_patterns, self.val_patterns = train_shards, val_shards
+        self.test_patterns, self.predict_patterns = test_shards, predict_shards
         self.tokenizer_path, self.tokenizer_vocab_size = Path(tokenizer), tokenizer_vocab_size
         self.shapes = shapes
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
@@ -135,7 +140,24 @@ class VLMDataModule(L.LightningDataModule):
     def val_dataloader(self):
         if self.val_patterns is None:
             return []
-        return self._loader(self.val_patterns, "val_shards", train=False)
+        return self._even(self._loader(self.val_patterns, "val_shards", train=False))
+
+    def test_dataloader(self):
+        if self.test_patterns is None:
+            raise ValueError("vlm test scores data.test_shards: set it (e.g. --data.test_shards 'data/x/val-*.tar')")
+        return self._even(self._loader(self.test_patterns, "test_shards", train=False))
+
+    def predict_dataloader(self):
+        if self.predict_patterns is None:
+            raise ValueError("vlm predict captions data.predict_shards: set it (e.g. --data.predict_shards 'data/x/val-*.tar')")
+        return self._even(self._loader(self.predict_patterns, "predict_shards", train=False))
+
+    def _even(self, loader):
+        """Ranks may hold a batch more or less of a finite split; under sharding each batch is a
+        collective, so all ranks stop at the first batch that one of them lacks."""
+        if self.trainer.world_size == 1:
+            return loader
+        return EvenBatches(loader, lambda has: self.trainer.strategy.reduce_boolean_decision(has, all=True))
 
     def state_dict(self) -> dict[str, Any]:
         # The tokenizer path lets `vlm export` find the tokenizer the model was trained with.
@@ -162,3 +184,18 @@ class ResumedLoader:
         for _ in range(self.take_skip()):
             next(iterator)
         yield from iterator
+
+
+class EvenBatches:
+    """Yields batches while `agree(this rank has one)` says every rank has one."""
+
+    def __init__(self, loader, agree) -> None:
+        self.loader, self.agree = loader, agree
+
+    def __iter__(self):
+        iterator = iter(self.loader)
+        while True:
+            batch = next(iterator, None)
+            if not self.agree(batch is not None):
+                return
+            yield batch

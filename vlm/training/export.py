@@ -10,32 +10,22 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 
 from vlm.export import save_model
 from vlm.model import VisionLanguageModel, VLMConfig, build_model
 from vlm.text.tokenizer import Tokenizer
-from vlm.training.checkpointing import is_complete
+from vlm.training.checkpointing import read_metadata, read_sharded_model_state
 
 
 def model_from_checkpoint(path: str | Path) -> tuple[VisionLanguageModel, dict]:
-    """Rebuild the model of a VLMModule checkpoint: a file, or the directory a sharded (FSDP2)
-    run writes. Everything is read with weights_only=True / as tensors; returns (model, metadata)."""
+    """Rebuild the model of a VLMModule checkpoint: a file, or the directory a sharded run (FSDP1
+    or FSDP2) writes. Everything is read with weights_only=True / as tensors; returns (model, metadata)."""
     path = Path(path)
-    if path.is_dir():
-        if not (path / "meta.pt").is_file():
-            raise ValueError(f"{path}: a directory but not a distributed checkpoint (no meta.pt)")
-        meta = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
-        model = _build(meta, path)
-        state = {f"model.{k}": v for k, v in model.state_dict().items()}
-        # Single-process read of every rank's shards into the full tensors (no process group needed).
-        dcp.load({"state_dict": state}, checkpoint_id=str(path))
-        model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()}, strict=True)
-        return model.eval(), meta
-    if not is_complete(path):
-        raise ValueError(f"{path}: missing or not a complete checkpoint")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = read_metadata(path)
     model = _build(checkpoint, path)
+    if path.is_dir():  # every rank's shards read whole in this process (no process group needed)
+        model.load_state_dict(read_sharded_model_state(path, model.state_dict()), strict=True)
+        return model.eval(), checkpoint
     state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

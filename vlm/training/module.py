@@ -11,7 +11,7 @@ import lightning as L
 import torch
 
 from vlm.eval.metrics import caption_metrics
-from vlm.model import VisionLanguageModel, VLMConfig, build_model
+from vlm.model import VisionLanguageModel, VLMConfig, build_model, is_sharded
 from vlm.stages import set_trainable
 from vlm.training.optim import OptimConfig, build_optimizer
 from vlm.training.parallel import (apply_activation_checkpointing, apply_fsdp2, apply_tensor_parallel, blocks,
@@ -75,7 +75,7 @@ class VLMModule(L.LightningModule):
         if self.text_checkpoint:
             self.model.load_text_backbone(self.text_checkpoint)
         if self.init_checkpoint:
-            self.model.load_state_dict(initial_state(self.init_checkpoint), strict=True)
+            self.model.load_state_dict(initial_state(self.init_checkpoint, self.model.state_dict()), strict=True)
         self.parameter_table = set_trainable(self.model, self.stage, include=self.include, exclude=self.exclude)
         self._parallelize()
 
@@ -83,8 +83,13 @@ class VLMModule(L.LightningModule):
         """Precision conversion, activation checkpointing and FSDP2, in the order they must happen."""
         trainer = self._trainer
         mesh = self.device_mesh
-        if mesh is not None and mesh["data_parallel"].size() > 1:
-            self.model.blank_image_when_missing = True  # every rank runs the same collectives
+        if trainer is not None and trainer.world_size > 1:
+            # DDP, FSDP1 and FSDP2 alike: a rank whose batch has no image still runs the tower and
+            # fusion (on a blank image, with no effect), so every rank issues the same collectives.
+            self.model.blank_image_when_missing = True
+        if mesh is not None and mesh["tensor_parallel"].size() > 1 and type(trainer.precision_plugin).__name__ == "Float8Precision":
+            raise ValueError("fp8 (configs/precision/fp8.yaml) does not combine with tensor parallelism "
+                             "(tensor_parallel_size > 1): drop one of them")
         if mesh is not None:
             # Lightning converts after configure_model, too late for sharded modules (fp8 needs
             # plain tensors); converting now is idempotent for every vlm precision plugin.
@@ -122,41 +127,76 @@ class VLMModule(L.LightningModule):
         return None  # Lightning skips backward and the optimizer step
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        loss = self.model(batch, return_logits=False).loss
-        self.log("val/loss", loss, prog_bar=True, batch_size=batch.input_ids.shape[0], sync_dist=True)
-        if len(self._captions) < self.caption_samples:
-            self._captions += self._caption_batch(batch)[: self.caption_samples - len(self._captions)]
+        self._evaluation_step(batch, "val")
 
-    def _caption_batch(self, batch: Any) -> list[tuple[torch.Tensor | None, str, str]]:
-        """Generate from each row's prompt (everything before its first learned token)."""
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluation_step(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_caption_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_caption_metrics("test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> list[dict[str, str]]:
+        """Captions of every row: {"key", "caption", "reference"} (written by `CaptionWriter`)."""
+        captions = self._caption_batch(batch, every_row=True)
+        keys = batch.keys or tuple(str(batch_idx * batch.input_ids.shape[0] + i) for i in range(len(captions)))
+        return [{"key": key, "caption": pred, "reference": ref} for key, (_, pred, ref) in zip(keys, captions)]
+
+    def _evaluation_step(self, batch: Any, prefix: str) -> None:
+        loss = self.model(batch, return_logits=False).loss
+        self.log(f"{prefix}/loss", loss, prog_bar=True, batch_size=batch.input_ids.shape[0], sync_dist=True)
+        # Each rank captions its share of `caption_samples`; a sharded model needs every rank to
+        # join each generation, so they generate while any of them still wants captions.
+        quota = -(-self.caption_samples // self.trainer.world_size)
+        want = len(self._captions) < quota
+        if self.trainer.world_size > 1:
+            want = self.trainer.strategy.reduce_boolean_decision(want, all=False)
+        if want:
+            self._captions += self._caption_batch(batch)[: max(quota - len(self._captions), 0)]
+
+    def _log_caption_metrics(self, prefix: str) -> None:
+        """Metrics over the captions of every rank, so that all ranks log the same values."""
+        pairs = [(pred, ref) for _, pred, ref in self._captions]
+        if self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, pairs)
+            pairs = [pair for part in gathered for pair in part]
+        if pairs:
+            metrics = caption_metrics([p for p, _ in pairs], [[r] for _, r in pairs])
+            for name in ("exact_match", "bleu4", "cider_d"):  # identical on every rank; sync_dist only says so to Lightning
+                self.log(f"{prefix}/{name}", float(metrics[name]), prog_bar=name == "exact_match", sync_dist=True)
+        self.last_captions, self._captions = self._captions, []
+
+    def _caption_batch(self, batch: Any, *, every_row: bool = False) -> list[tuple[torch.Tensor | None, str, str]]:
+        """Generate from each row's prompt (everything before its first learned token; the whole
+        row when nothing is learned and `every_row`)."""
         tokenizer = self.trainer.datamodule.tokenizer
         prompts, images, refs, shown = [], [], [], []
         for row in range(batch.input_ids.shape[0]):
             target = (batch.labels[row] != -100).nonzero().flatten()
-            if len(target) == 0:
+            if len(target) == 0 and not every_row:
                 continue
-            prompt = batch.input_ids[row, : int(target[0])].tolist()
+            end = int(target[0]) if len(target) else int(batch.attention_mask[row].sum())
+            prompt = batch.input_ids[row, :end].tolist()
             row_images = [] if batch.pixel_values is None else list(batch.pixel_values[batch.image_sample_index == row])
             prompts.append(_collapse_images(prompt, self.config.image_token_id, self.model.tokens_per_image))
             images.append(row_images)
             refs.append(tokenizer.decode(batch.labels[row, target].tolist()).strip())
             shown.append(row_images[0].cpu() if row_images else None)
-        if not prompts:
+        dummy = not prompts and is_sharded(self.model) and self.trainer.world_size > 1
+        if not prompts and not dummy:
             return []
+        if dummy:  # this rank has nothing to caption but must join the others' collectives
+            prompts, images = [[tokenizer.bos_id]], [[]]
         with unsharded_root(self.model):
             outputs = self.model.generate(images, prompts, max_new_tokens=self.max_new_tokens,
                                           stop_tokens=[tokenizer.eot_id], pad_id=tokenizer.pad_id,
                                           vocab_size=tokenizer.vocab_size)
+        if dummy:
+            return []
         return [(image, tokenizer.decode(out).strip(), ref) for image, out, ref in zip(shown, outputs, refs)]
-
-    def on_validation_epoch_end(self) -> None:
-        if self._captions:
-            preds = [p for _, p, _ in self._captions]
-            refs = [[r] for _, _, r in self._captions]
-            metrics = caption_metrics(preds, refs)
-            for name in ("exact_match", "bleu4", "cider_d"):
-                self.log(f"val/{name}", float(metrics[name]), prog_bar=name == "exact_match")
-        self.last_captions, self._captions = self._captions, []
 
     def configure_optimizers(self):
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
@@ -164,12 +204,23 @@ class VLMModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def initial_state(path: str) -> dict[str, torch.Tensor]:
-    """Model weights from a `vlm fit` checkpoint file or a `vlm export` directory (never unpickled)."""
-    if Path(path).is_dir():
+def initial_state(path: str, template: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Model weights from a `vlm fit` checkpoint (a file, or a sharded run's directory) or a
+    directory written by `vlm export`; never unpickled. `template`: the model's own state dict."""
+    from vlm.training.checkpointing import is_complete, read_sharded_model_state
+
+    folder = Path(path)
+    if not folder.exists():
+        raise FileNotFoundError(f"model.init_checkpoint: {path} does not exist (a .ckpt from `vlm fit`, "
+                                "a sharded checkpoint directory, or a `vlm export` directory)")
+    if folder.is_dir() and (folder / "config.json").is_file():
         from vlm.export import load_model
 
         return load_model(path).state_dict()
+    if folder.is_dir():
+        return read_sharded_model_state(folder, template)
+    if not is_complete(folder):
+        raise ValueError(f"model.init_checkpoint: {path} is not a complete checkpoint (truncated?)")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     return {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
 

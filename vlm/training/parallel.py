@@ -9,6 +9,7 @@ Activation checkpointing uses torch's composable `checkpoint`, which keeps param
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from torch.distributed._composable import checkpoint
 
 from vlm.fusion.flamingo import GatedCrossAttentionBlock, PerceiverResampler
 from vlm.text.llama import DecoderLayer
+from vlm.training.checkpointing import start_sharded_save
 
 _VISION_BLOCK_LISTS = ("blocks", "resblocks")  # timm ViTs, open_clip transformers
 
@@ -109,7 +111,18 @@ class unsharded_root:
             self.model.reshard()
 
 
-class FSDP1Strategy(FSDPStrategy):
+class _SafeShardedSave:
+    """Rank 0 deletes a sharded directory's completion files before it is rewritten (see
+    `vlm.training.checkpointing`), so that a crash mid-save never leaves a resumable mix of steps."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        path = Path(self.broadcast(filepath))
+        if self.global_rank == 0 and path.is_dir():
+            start_sharded_save(path)
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+
+class FSDP1Strategy(_SafeShardedSave, FSDPStrategy):
     """Lightning's FSDPStrategy with vlm's blocks as the auto-wrap (and checkpointing) policy.
 
     Args:
@@ -133,7 +146,7 @@ class FSDP1Strategy(FSDPStrategy):
         )
 
 
-class FSDP2Strategy(ModelParallelStrategy):
+class FSDP2Strategy(_SafeShardedSave, ModelParallelStrategy):
     """Lightning's ModelParallelStrategy for data-parallel FSDP2: by default every process is one
     data-parallel rank (Lightning's own default would make them tensor-parallel ranks). The module
     applies `fully_shard` per block in `configure_model` (see VLMModule)."""

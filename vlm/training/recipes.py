@@ -19,15 +19,18 @@ def recipe_files(*names: str) -> list[Path]:
     return paths
 
 
-def fit(configs: list[str | Path], out: str | Path, *, overrides: list[str] = ()) -> VLMCLI:
+def fit(configs: list[str | Path], out: str | Path, *, overrides: list[str] = (), overwrite: bool = False) -> VLMCLI:
     """`vlm fit --config ...` with `trainer.default_root_dir` set to `out`: the shipped recipes put
     their logs, checkpoints and caption grids under it.
 
-    `overrides` are command-line flags, e.g. ["--trainer.max_steps=200"]. Returns the CLI object
-    (`.trainer`, `.model`, `.datamodule`); the last checkpoint is `out/checkpoints/last.ckpt`.
+    `overrides` are command-line flags, e.g. ["--trainer.max_steps=200"]; `overwrite` deletes an
+    earlier run's checkpoints in `out` first (`--overwrite`; without it such a folder is refused).
+    Returns the CLI object (`.trainer`, `.model`, `.datamodule`); the last checkpoint is
+    `out/checkpoints/last.ckpt`.
     """
     out = Path(out)
-    args = ["fit", *[a for f in configs for a in ("--config", str(f))], f"--trainer.default_root_dir={out}", *overrides]
+    args = ["fit", *[a for f in configs for a in ("--config", str(f))], f"--trainer.default_root_dir={out}",
+            *(["--overwrite"] if overwrite else []), *overrides]
     return VLMCLI(args=args)
 
 

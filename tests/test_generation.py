@@ -82,3 +82,26 @@ def test_bad_arguments():
         SamplingConfig(top_p=1.5)
     with pytest.raises(ValueError, match="temperature"):
         SamplingConfig(temperature=-1)
+
+
+def test_synced_decoding_keeps_stepping_until_every_rank_is_done():
+    """A rank whose rows are finished keeps stepping (its tokens dropped) while `all_finished` says
+    another rank still decodes: the same number of model steps on every rank."""
+    from vlm.generation import decode
+
+    vocab, stop = 8, 7
+    steps = []
+
+    def step(token):
+        steps.append(token)
+        return torch.nn.functional.one_hot(torch.tensor([stop]), vocab).float()  # always the stop token next
+
+    first = torch.nn.functional.one_hot(torch.tensor([3]), vocab).float()
+    config = SamplingConfig(max_new_tokens=10, stop_tokens=(stop,))
+    assert decode(step, first, config) == [[3]] and len(steps) == 1  # alone: stops when its row is done
+    steps.clear()
+    others_done_after = iter([False, False, False, True])  # another rank needs 4 more steps
+    out = decode(step, first, config, all_finished=lambda local: local and next(others_done_after))
+    assert out == [[3]] and len(steps) == 4
+    steps.clear()
+    assert decode(step, first, config, all_finished=lambda local: False) == [[3]] and len(steps) == 9  # capped

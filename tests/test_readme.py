@@ -33,7 +33,7 @@ def tiny(command: str) -> list[str]:
     command = command.split("#", 1)[0]
     command = re.sub(r"--train \d+", "--train 120", re.sub(r"--val \d+", "--val 24", command))
     args = shlex.split(command)[1:]
-    if args[0] == "fit":
+    if args[0] in ("fit", "test", "predict"):
         args += ["--config", "tiny.yaml"]
     if args[0] == "data":
         args += ["--no-progress"]
@@ -43,7 +43,7 @@ def tiny(command: str) -> list[str]:
 @pytest.mark.slow
 def test_quick_tour_commands_run(tmp_path, monkeypatch):
     commands = quick_tour()
-    assert [c.split()[1] for c in commands] == ["data", "fit", "fit", "fit", "export", "caption", "evaluate"]
+    assert [c.split()[1] for c in commands] == ["data", "fit", "fit", "fit", "test", "predict", "export", "caption", "evaluate"]
     monkeypatch.chdir(tmp_path)
     (tmp_path / "configs").symlink_to(ROOT / "configs")
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
@@ -53,3 +53,4 @@ def test_quick_tour_commands_run(tmp_path, monkeypatch):
     assert (tmp_path / "outputs" / "shapes" / "llava" / "model" / "config.json").exists()
     assert (tmp_path / "outputs" / "shapes" / "llava" / "model" / "eval" / "report.json").exists()
     assert (tmp_path / "outputs" / "shapes" / "flamingo" / "checkpoints" / "last.ckpt").exists()
+    assert len((tmp_path / "outputs" / "shapes" / "llava" / "predictions.jsonl").read_text().splitlines()) == 24

@@ -143,3 +143,30 @@ class RaggedStops(L.Callback):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / f"val_rank{trainer.global_rank}.json").write_text(json.dumps({"lengths": self.lengths, "metrics": metrics}))
+
+
+def run_ranks(command: list[str], *, cwd: Path, timeout: float = 300, expect: int = 0):
+    """Run a command that starts more ranks (Lightning re-launches it), in its own process group:
+    a hang fails the test after `timeout` seconds and kills every rank, orphans included."""
+    import subprocess
+    import sys
+
+    import pytest
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PL_")}  # no state from in-process runs
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT / 'tests'}{os.pathsep}{env.get('PYTHONPATH', '')}")
+    process = subprocess.Popen([sys.executable, *command], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{' '.join(command[:3])} hung for {timeout} s:\n{stderr[-3000:]}")
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # a rank left behind by a killed launcher
+        except ProcessLookupError:
+            pass
+    assert process.returncode == expect, stderr[-12000:]
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)

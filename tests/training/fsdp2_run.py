@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--text-only-rank", type=int, default=None)
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--plugin", default=None, help="e.g. fp8:tensorwise")
+    parser.add_argument("--strategy", choices=["fsdp2", "ddp", "fsdp1"], default="fsdp2", help="for --devices > 1")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -65,7 +66,16 @@ def main() -> None:
     module = VLMModule(config, stage="full", optim=OptimConfig(lr=1e-3, warmup_steps=1),
                        activation_checkpointing=args.activation_checkpointing)
     tp = args.tensor_parallel
-    strategy = "auto" if args.devices == 1 else ModelParallelStrategy(data_parallel_size=args.devices // tp, tensor_parallel_size=tp)
+    if args.devices == 1:
+        strategy = "auto"
+    elif args.strategy == "ddp":
+        strategy = "ddp"
+    elif args.strategy == "fsdp1":
+        from vlm.training.parallel import FSDP1Strategy
+
+        strategy = FSDP1Strategy(state_dict_type="sharded")
+    else:
+        strategy = ModelParallelStrategy(data_parallel_size=args.devices // tp, tensor_parallel_size=tp)
     plugins = []
     if args.plugin:
         from vlm.training.fp8 import Float8Precision

@@ -2,14 +2,13 @@
 re-running the script), against one process on the same global batch."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from training_helpers import run_ranks
 
 from vlm.training.export import model_from_checkpoint
 
@@ -18,13 +17,8 @@ pytestmark = pytest.mark.slow
 
 
 def run(out: Path, *args: str) -> None:
-    # Without the PL_* variables an in-process Lightning run of an earlier test leaves behind
-    # (PL_GLOBAL_SEED makes every rank reseed before building the model, the single process not).
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PL_")}
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), *args], env=env, capture_output=True,
-                            text=True, timeout=300, cwd=out.parent)
-    assert result.returncode == 0, result.stderr[-4000:]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    run_ranks([str(SCRIPT), "--out", str(out), *args], cwd=out.parent)
 
 
 def losses(out: Path, ranks: int) -> list[float]:
@@ -64,6 +58,14 @@ def test_a_rank_without_images_does_not_hang(tmp_path, fusion):
     assert len(losses(out, 2)) == 2
 
 
+@pytest.mark.parametrize("fusion", ["llava", "flamingo"])
+def test_a_rank_without_images_does_not_hang_under_ddp(tmp_path, fusion):
+    # Without the blank image, DDP waits forever for the vision tower's gradients of the text-only rank.
+    out = tmp_path / "out"
+    run(out, "--devices", "2", "--strategy", "ddp", "--steps", "2", "--fusion", fusion, "--text-only-rank", "1")
+    assert len(losses(out, 2)) == 2
+
+
 
 def test_tensor_parallel_decoder_matches_one_process(tmp_path, single):
     out = tmp_path / "out"
@@ -77,8 +79,10 @@ def test_tensor_parallel_decoder_matches_one_process(tmp_path, single):
 
 
 @pytest.mark.parametrize("recipe, tolerance", [
-    # Dynamic scales come from each rank's own activations (half the batch), so rounding differs a little.
-    ("tensorwise", 5e-4),
+    # Dynamic scales come from each rank's own activations (half the batch), so rounding differs a
+    # little and the difference grows over the steps (5.5e-4 at step 5 with torchao 0.18); fp8 not
+    # applied at all would differ by the fp8-vs-fp32 gap, 3e-3 to 5e-3.
+    ("tensorwise", 1e-3),
     # Delayed scaling all-reduces the amaxes: every rank casts with the single-process scales.
     ("delayed", 1e-5),
 ])

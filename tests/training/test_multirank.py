@@ -6,16 +6,13 @@ Each run is `python -m vlm.cli fit ...` in a subprocess (Lightning starts the se
 timeout that fails the test instead of hanging."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from training_helpers import ROOT, read_losses
+from training_helpers import ROOT, read_losses, run_ranks
 
 from vlm.training.checkpointing import is_complete, latest_complete_checkpoint
 
@@ -51,24 +48,8 @@ def recipe_args(tmp_path: Path, shapes_dir: Path, fusion: str, *, max_steps: int
     return ["fit", *[a for c in configs for a in ("--config", str(c))]]
 
 
-def run_cli(args: list[str], cwd: Path, *, expect: int = 0) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PL_")}
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT / 'tests'}{os.pathsep}{env.get('PYTHONPATH', '')}")
-    process = subprocess.Popen([sys.executable, "-m", "vlm.cli", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # both ranks: the second is a child of the first
-        stdout, stderr = process.communicate()
-        pytest.fail(f"vlm {args[0]} hung for {TIMEOUT} s:\n{stderr[-3000:]}")
-    finally:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)  # an orphaned rank after a kill
-        except ProcessLookupError:
-            pass
-    assert process.returncode == expect, stderr[-12000:]
-    return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
+def run_cli(args: list[str], cwd: Path, *, expect: int = 0):
+    return run_ranks(["-m", "vlm.cli", *args], cwd=cwd, timeout=TIMEOUT, expect=expect)
 
 
 @pytest.mark.parametrize("fusion", ["llava", "flamingo"])
@@ -134,3 +115,26 @@ def test_a_sharded_directory_without_its_metadata_is_never_last(tmp_path):
     assert latest_complete_checkpoint(folder) == folder / "epoch=0-step=2.ckpt"
     (folder / "epoch=0-step=2.ckpt" / "meta.pt").write_bytes(b"PK\x03\x04 truncated")
     assert latest_complete_checkpoint(folder) is None
+
+
+def test_fsdp1_sharded_layout_exports_and_initialises(tmp_path):
+    """Lightning's FSDP1 strategy (CUDA only) stores the weights under `model` instead of
+    `state_dict`; both readers accept it. The directory is written here as FSDP1 writes it."""
+    import torch.distributed.checkpoint as dcp
+    from tiny_models import tiny_model
+
+    from vlm.training.export import model_from_checkpoint
+    from vlm.training.module import VLMModule
+
+    model = tiny_model("flamingo")
+    folder = tmp_path / "last.ckpt"
+    dcp.save({"model": {f"model.{k}": v for k, v in model.state_dict().items()}}, checkpoint_id=str(folder), no_dist=True)
+    torch.save({"hyper_parameters": {"config": model.config.to_dict()}, "global_step": 3}, folder / "meta.pt")
+    assert latest_complete_checkpoint(tmp_path) == folder
+    loaded, meta = model_from_checkpoint(folder)
+    module = VLMModule(model.config, init_checkpoint=str(folder))
+    module.configure_model()
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+        assert torch.equal(module.model.state_dict()[name], value), name
+    assert meta["global_step"] == 3

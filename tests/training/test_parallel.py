@@ -73,3 +73,18 @@ def test_activation_checkpointing_same_loss_and_grads_less_memory(fusion):
     for name in grads:
         torch.testing.assert_close(grads_ac[name], grads[name], atol=1e-6, rtol=1e-5)
     assert ac_bytes < 0.6 * plain_bytes, (ac_bytes, plain_bytes)
+
+
+def test_fp8_with_tensor_parallelism_is_refused_before_anything_is_sharded():
+    from types import SimpleNamespace
+
+    from vlm.errors import UserError
+    from vlm.training.fp8 import Float8Precision
+    from vlm.training.module import VLMModule
+
+    module = VLMModule(tiny_model("llava").config)
+    mesh = {"tensor_parallel": SimpleNamespace(size=lambda: 2), "data_parallel": SimpleNamespace(size=lambda: 1)}
+    module._device_mesh = mesh
+    module._trainer = SimpleNamespace(world_size=2, precision_plugin=Float8Precision(recipe="tensorwise"), precision="32-true")
+    with pytest.raises(UserError, match="fp8.*tensor parallelism"):
+        module.configure_model()

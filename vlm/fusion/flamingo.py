@@ -92,7 +92,7 @@ class PerceiverResampler(nn.Module):
 
 
 class GatedCrossAttentionBlock(nn.Module):
-    """x + tanh(a) * xattn(x, media) then + tanh(b) * ff(x); gates a, b start at 0."""
+    """x + tanh(a) * xattn(x, media) then + tanh(b) * ff(x); gates a, b start at `gate_init` (0: the text model)."""
 
     def __init__(self, dim: int, media_dim: int, *, heads: int, head_dim: int, ff_mult: int, gate_init: float = 0.0) -> None:
         super().__init__()

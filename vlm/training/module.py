@@ -10,6 +10,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from vlm.errors import UserError
 from vlm.eval.metrics import caption_metrics
 from vlm.model import VisionLanguageModel, VLMConfig, build_model, is_sharded
 from vlm.stages import set_trainable
@@ -88,7 +89,7 @@ class VLMModule(L.LightningModule):
             # fusion (on a blank image, with no effect), so every rank issues the same collectives.
             self.model.blank_image_when_missing = True
         if mesh is not None and mesh["tensor_parallel"].size() > 1 and type(trainer.precision_plugin).__name__ == "Float8Precision":
-            raise ValueError("fp8 (configs/precision/fp8.yaml) does not combine with tensor parallelism "
+            raise UserError("fp8 (configs/precision/fp8.yaml) does not combine with tensor parallelism "
                              "(tensor_parallel_size > 1): drop one of them")
         if mesh is not None:
             # Lightning converts after configure_model, too late for sharded modules (fp8 needs
@@ -99,7 +100,8 @@ class VLMModule(L.LightningModule):
         if mesh is not None:
             if mesh["tensor_parallel"].size() > 1:
                 apply_tensor_parallel(self.model.text, mesh["tensor_parallel"])
-            if mesh["data_parallel"].size() > 1:
+            if mesh["tensor_parallel"].size() == 1 or mesh["data_parallel"].size() > 1:
+                # Also on one rank: the strategy's sharded checkpoints need DTensor parameters.
                 param_dtype = torch.bfloat16 if str(trainer.precision).startswith("bf16") else None
                 apply_fsdp2(self.model, mesh["data_parallel"], param_dtype=param_dtype)
 

@@ -1,13 +1,16 @@
-"""Captioner and `vlm caption`: one line per image, batching changes nothing, errors name the file."""
+"""Captioner and `vlm caption`: one line per image, batching changes nothing, errors name the file,
+images far from the model's input size get one warning that says how they are resized."""
 
 import pytest
 import torch
 from PIL import Image
 from tiny_models import tiny_model_for
 
-from vlm.caption import Captioner, read_image
+from vlm.caption import Captioner, read_image, resolution_warning
 from vlm.cli import main as vlm_main
+from vlm.data.decode import DEFAULT_MAX_PIXELS
 from vlm.export import save_model
+from vlm.vision.base import ImageTransform
 
 COLOURS = [(255, 0, 0), (0, 128, 255), (20, 200, 40), (250, 250, 10), (90, 0, 90)]
 
@@ -28,7 +31,7 @@ def model_dir(request, tokenizer, tmp_path):  # noqa: F811
 def pngs(tmp_path):
     paths = []
     for i, colour in enumerate(COLOURS):
-        image = Image.new("RGB", (24 + 4 * i, 20), colour)
+        image = Image.new("RGB", (18 + 3 * i, 20), colour)  # near the tiny model's 16 px: no warning
         image.paste((255 - colour[0], 30 * i, 128), (2, 3, 12, 14))  # a second shape, so images differ
         image.save(tmp_path / f"img{i}.png")
         paths.append(tmp_path / f"img{i}.png")
@@ -124,4 +127,33 @@ def test_cli_model_directory_errors(tokenizer, pngs, capsys, tmp_path):  # noqa:
 
 def test_cli_help_documents_the_output(capsys):
     assert vlm_main(["caption", "--help"]) == 0
-    assert "PATH<TAB>CAPTION" in capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())  # argparse re-wraps the description
+    assert "PATH<TAB>CAPTION" in out
+    assert "short side is resized" in out and "centre is cropped" in out and "more than 2x larger or smaller" in out
+    assert f"{DEFAULT_MAX_PIXELS:,} pixels are refused" in out
+
+
+def test_cli_warns_once_about_images_far_from_the_model_size(model_dir, pngs, capsys, tmp_path):
+    big, wide, tiny = tmp_path / "photo.png", tmp_path / "wide.jpg", tmp_path / "icon.png"
+    Image.new("RGB", (200, 200), (10, 20, 30)).save(big)
+    Image.new("RGB", (1024, 768), (90, 20, 30)).save(wide)
+    Image.new("RGB", (6, 6), (90, 20, 30)).save(tiny)
+    code, lines, err = _run(capsys, "--model", model_dir, pngs[0], big, wide, tiny, "--max-new-tokens", 2)
+    assert code == 0 and len(lines) == 4
+    assert err.splitlines() == [
+        f"vlm caption: warning: {big} is 200x200, more than 2x larger than the model's 16x16 input: it is resized "
+        "so its short side is 16 (bicubic), then centre-cropped to 16x16, so fine detail is lost; captions may suffer",
+        f"vlm caption: warning: 2 more image(s) far from the model's input size, resized the same way: {wide}, {tiny}"]
+    code, lines, err = _run(capsys, "--model", model_dir, *pngs, "--max-new-tokens", 2)
+    assert code == 0 and err == ""  # 18x20 to 30x20 images are within 2x of 16
+
+
+def test_resolution_warning_bounds_and_wording():
+    transform = ImageTransform(lambda image: image, image_size=64, mean=(0.5,) * 3, std=(0.5,) * 3)
+    assert transform.resize == "resized to 64x64"  # a pipeline without torchvision steps
+    assert resolution_warning("a.png", (128, 32), transform) is None  # exactly 2x either way is near
+    assert "more than 2x larger than the model's 64x64 input" in resolution_warning("a.png", (129, 64), transform)
+    assert "more than 2x smaller" in resolution_warning("a.png", (64, 31), transform)
+    assert "blurred" in resolution_warning("a.png", (64, 31), transform)
+    assert "larger on one side and smaller on the other" in resolution_warning("a.png", (200, 20), transform)
+    assert resolution_warning("a.png", (1000, 1000), object()) is None  # a transform that does not say its size

@@ -4,6 +4,10 @@
 
 The prompt is the layout the model was trained on: one user turn holding the image, then the
 optional question, then the assistant header; the answer ends at `<|eot_id|>`. No Lightning here.
+
+Images go through the vision tower's own transform to its square input size; an image more than
+`FAR_FACTOR` times larger or smaller than that on either side gets a one-line warning on stderr
+(`resolution_warning`). Images above `DEFAULT_MAX_PIXELS` are refused, as everywhere in vlm.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from vlm.export import check_tokenizer, load_model, load_tokenizer
 from vlm.model import VisionLanguageModel
 from vlm.text.chat import ChatTemplate
 from vlm.text.tokenizer import Tokenizer
+
+# An image side more than this many times larger or smaller than the model's input side is "far".
+FAR_FACTOR = 2
 
 
 class Captioner:
@@ -96,14 +103,42 @@ def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
         raise ValueError(f"{path}: cannot read image: {error}") from None
 
 
+def resolution_warning(name: str, size: tuple[int, int], transform: object) -> str | None:
+    """One line saying that an image is far from the model's input size and how it is resized, or
+    None when both sides are within `FAR_FACTOR` of it (or the transform does not say its size)."""
+    side = getattr(transform, "image_size", None)
+    if not isinstance(side, int):
+        return None
+    width, height = size
+    larger = max(width, height) > FAR_FACTOR * side
+    smaller = min(width, height) * FAR_FACTOR < side
+    if not (larger or smaller):
+        return None
+    how = "larger" if not smaller else "smaller" if not larger else "larger on one side and smaller on the other"
+    effect = "fine detail is lost" if not smaller else "it comes out blurred" if not larger else "it is distorted"
+    resize = getattr(transform, "resize", None) or "resized by the vision tower's own transform"
+    return (f"{name} is {width}x{height}, more than {FAR_FACTOR}x {how} than the model's {side}x{side} input: "
+            f"it is {resize}, so {effect}; captions may suffer")
+
+
+_RESIZE_HELP = (
+    "Each image goes through the vision tower's own eval transform to the model's square input size "
+    "(vision.image_size): for timm towers and open_clip's default resize_mode the short side is resized "
+    "to that size (bicubic for most models) and the square in the centre is cropped, so the ends of the "
+    "long side are cut off; open_clip's resize_mode 'longest' pads instead, 'squash' stretches. An image "
+    f"more than {FAR_FACTOR}x larger or smaller than that size on either side gets a warning on stderr. "
+    f"Images above {DEFAULT_MAX_PIXELS:,} pixels are refused, as by the data reader and `vlm evaluate`.")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlm caption",
         description="Caption images with a model directory written by `vlm export` / vlm.save_model. "
                     "Prints one line per image, in the order given: PATH<TAB>CAPTION (whitespace runs, "
                     "newlines and tabs inside a caption are printed as one space). Unreadable images are "
-                    "reported on stderr by name and skipped; the exit code is then 1 (2 for a bad model "
-                    "directory or bad arguments).")
+                    "reported on stderr by name and skipped; the exit code is then 1, or 2 when no image "
+                    "could be read (2 also for a bad model directory or bad arguments). "
+                    + _RESIZE_HELP)
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG, PNG or WEBP files")
     parser.add_argument("--model", required=True, metavar="DIR", help="model directory (with tokenizer.json)")
     parser.add_argument("--prompt", default=None,
@@ -116,8 +151,30 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _read_batch(paths: Sequence[str], transform: object, failed: list[str],
+                far: list[str]) -> tuple[list[str], list[Image.Image]]:
+    """The readable images of `paths`; the others are reported and added to `failed`. Images far from
+    the model's input size are added to `far`; the first of them is described on stderr."""
+    read, images = [], []
+    for path in paths:
+        try:
+            images.append(read_image(path))
+        except ValueError as error:
+            print(f"vlm caption: {error}", file=sys.stderr)
+            failed.append(path)
+            continue
+        read.append(path)
+        warning = resolution_warning(path, images[-1].size, transform)
+        if warning is not None:
+            if not far:
+                print(f"vlm caption: warning: {warning}", file=sys.stderr)
+            far.append(path)
+    return read, images
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """`vlm caption ...`: 0 when every image was captioned, 1 if some could not be read, 2 on bad usage."""
+    """`vlm caption ...`: 0 when every image was captioned, 1 if some could not be read, 2 if none could or on
+    bad usage."""
     try:
         args = _build_parser().parse_args(argv)
     except SystemExit as stop:  # argparse exits on --help (0) and on usage errors (2)
@@ -134,24 +191,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     generator = torch.Generator(device=device).manual_seed(args.seed)
     failed: list[str] = []
+    far: list[str] = []  # images far from the model's input size: the first is described in full
     for start in range(0, len(args.images), args.batch_size):
-        paths, images = [], []
-        for path in args.images[start:start + args.batch_size]:  # decoded per batch: memory stays bounded
-            try:
-                images.append(read_image(path))
-                paths.append(path)
-            except ValueError as error:
-                print(f"vlm caption: {error}", file=sys.stderr)
-                failed.append(path)
+        # decoded per batch: memory stays bounded
+        paths, images = _read_batch(args.images[start:start + args.batch_size], captioner.transform, failed, far)
         texts = captioner.caption(images, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
                                   batch_size=args.batch_size, temperature=args.temperature, generator=generator)
         for path, text in zip(paths, texts):
             print(f"{path}\t{' '.join(text.split())}", flush=True)
-    if failed:
+    if len(far) > 1:
+        names = ", ".join(far[1:6]) + (", ..." if len(far) > 6 else "")
+        print(f"vlm caption: warning: {len(far) - 1} more image(s) far from the model's input size, resized the "
+              f"same way: {names}", file=sys.stderr)
+    if failed and len(args.images) > 1:
         print(f"vlm caption: {len(failed)} of {len(args.images)} image(s) could not be read: {', '.join(failed)}",
               file=sys.stderr)
-        return 1
-    return 0
+    return 0 if not failed else 2 if len(failed) == len(args.images) else 1
 
 
 if __name__ == "__main__":

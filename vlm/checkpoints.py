@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from vlm.errors import UserError
 from vlm.text.llama import Llama, LlamaConfig
 from vlm.text.rope import RopeScaling
 
@@ -57,8 +58,32 @@ def hf_to_ours(name: str) -> str:
 
 # --- configs ---------------------------------------------------------------------------------
 
+_HF_REQUIRED = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "intermediate_size")
+_HF_LLAMA3_ROPE_REQUIRED = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+_META_REQUIRED = ("dim", "n_layers", "n_heads")
+
+
+def _require(config: object, keys: tuple[str, ...], source: str, *, where: str = "") -> None:
+    """UserError naming the file and every missing key (`where`: the nested object they belong in)."""
+    if not isinstance(config, dict):
+        raise UserError(f"{source}: expected a JSON object{where}, got {type(config).__name__}")
+    missing = [key for key in keys if config.get(key) is None]
+    if missing:
+        raise UserError(f"{source}: missing required key(s) {', '.join(missing)}{where} (required: {', '.join(keys)}): "
+                        "add them, or use the file that came with the checkpoint")
+
+
+def _read_json(file: Path) -> object:
+    try:
+        return json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{file} is not valid JSON ({error}): restore the checkpoint's own file") from None
+
 
 def config_from_hf(hf: dict, *, source: str = "config.json") -> LlamaConfig:
+    """A LlamaConfig from a Hugging Face `config.json` dict; UserError naming `source` and the missing
+    keys when it lacks one that has no default."""
+    _require(hf, _HF_REQUIRED, source)
     if hf.get("model_type", "llama") != "llama":
         raise ValueError(f"{source}: model_type {hf.get('model_type')!r} is not 'llama'")
     dim, n_heads = hf["hidden_size"], hf["num_attention_heads"]
@@ -89,6 +114,7 @@ def _rope_scaling_from_hf(hf: dict, source: str) -> RopeScaling | None:
         return None
     if kind != "llama3":
         raise ValueError(f"{source}: rope scaling type {kind!r} is not supported (only 'llama3')")
+    _require(params, _HF_LLAMA3_ROPE_REQUIRED, source, where=" in rope_scaling / rope_parameters")
     return RopeScaling(
         factor=params["factor"],
         low_freq_factor=params["low_freq_factor"],
@@ -142,6 +168,7 @@ def config_from_meta(
     `use_scaled_rope` gets 32 and tied embeddings for the Llama 3.2 text shapes (with a warning), 8
     otherwise (Llama 3.1). An explicit factor enables scaling even without `use_scaled_rope`.
     """
+    _require(params, _META_REQUIRED, source)
     dim = params["dim"]
     hidden = int(2 * (4 * dim) / 3)
     if params.get("ffn_dim_multiplier") is not None:
@@ -256,7 +283,7 @@ def load_state_exact(model: torch.nn.Module, state: dict[str, torch.Tensor], *, 
 
 
 def _read_hf(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
-    config = config_from_hf(json.loads((path / "config.json").read_text()), source=str(path / "config.json"))
+    config = config_from_hf(_read_json(path / "config.json"), source=str(path / "config.json"))
     index = path / "model.safetensors.index.json"
     if index.exists():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -280,8 +307,9 @@ def _read_meta(path: Path, *, rope_scaling_factor: float | None = None) -> tuple
     files = sorted(path.glob("consolidated.*.pth"))
     if not files:
         raise FileNotFoundError(f"{path}: params.json found but no consolidated.*.pth")
+    params = _read_json(path / "params.json")
+    _require(params, _META_REQUIRED, str(path / "params.json"))  # before the (large) shards are read
     shards = [torch.load(f, map_location="cpu", weights_only=True, mmap=True) for f in files]
-    params = json.loads((path / "params.json").read_text())
     state = _merge_meta_shards(shards, dim=params["dim"])
     state.pop("rope.freqs", None)  # Llama 2 stores its rotary table; we compute it
     config = config_from_meta(params, vocab_size=state["tok_embeddings.weight"].shape[0],

@@ -185,3 +185,28 @@ def test_cli_prints_the_table(capsys):
     assert "weights (fp32)" in out and "AdamW moments" in out and "8 device(s)" in out and "x 1024 tokens" in out
     assert main(["--config", str(CONFIGS / "shapes.yaml"), "--config", str(CONFIGS / "fusion" / "llava.yaml"), "--seq-len", "32"]) == 1
     assert "cannot hold" in capsys.readouterr().err
+
+
+FP8 = str(CONFIGS / "precision" / "fp8.yaml")
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--config", str(CONFIGS / "strategy" / "fsdp.yaml"), "--config", FP8],
+     "fp8 (configs/precision/fp8.yaml) does not combine with FSDP1 (configs/strategy/fsdp.yaml; Lightning accepts "
+     "only its own precision there): use configs/strategy/fsdp2.yaml"),
+    (["--config", str(CONFIGS / "strategy" / "fsdp2.yaml"), "--config", FP8,
+      "--trainer.strategy.init_args.tensor_parallel_size", "2"],
+     "fp8 (configs/precision/fp8.yaml) does not combine with tensor parallelism (tensor_parallel_size > 1): "
+     "drop one of them"),
+], ids=["fsdp1", "tensor-parallel"])
+def test_cli_refuses_what_training_refuses(extra, message, capsys):
+    from vlm.cli import main as vlm_main
+
+    shapes = ["--config", str(CONFIGS / "shapes.yaml"), "--config", str(CONFIGS / "fusion" / "llava.yaml")]
+    assert vlm_main(["memory", *shapes, *extra, "--devices", "2"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"vlm memory: {message}\n"
+    # each part alone is fine; the override reaches the recipe as it does for vlm fit
+    assert vlm_main(["memory", *shapes, *extra[:2], "--devices", "2", *extra[4:]]) == 0
+    tensor_parallel = [arg for arg in extra[4:] if not arg.startswith("--")]
+    assert ("tensor parallel x2" in capsys.readouterr().out) == bool(tensor_parallel)

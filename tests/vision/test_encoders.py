@@ -13,6 +13,7 @@ from torch import nn
 
 from vlm.vision import (OpenClipEncoder, TimmEncoder, VisionConfig, VisionEncoder, build_vision_encoder,
                         list_encoders, register)
+from vlm.errors import UserError
 from vlm.vision import base
 
 TIMM_MODEL = "vit_tiny_patch16_224"
@@ -138,8 +139,41 @@ def test_wrong_checkpoint_names_the_tensors(library, prefix, weight, tmp_path):
 
 
 def test_missing_checkpoint_file_is_an_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nowhere.pt"):
+    with pytest.raises(UserError) as caught:
         build_vision_encoder(tiny("timm", checkpoint_path=str(tmp_path / "nowhere.pt")))
+    assert str(tmp_path / "nowhere.pt") in str(caught.value)
+    assert "model.config.vision.checkpoint_path" in str(caught.value)
+
+
+@pytest.mark.parametrize("config,names", [
+    (VisionConfig(model="vit_tiny_patch16_244"), ["'vit_tiny_patch16_244'", "vit_tiny_patch16_224", "timm.list_models("]),
+    (VisionConfig(name="open_clip", model="vit-b-23"), ["'vit-b-23'", "ViT-B-32", "open_clip.list_models()"]),
+    (VisionConfig(model="qqqqqqqqqqqq"), ["'qqqqqqqqqqqq'", "no close match"]),
+])
+def test_unknown_model_names_suggest_close_matches(config, names):
+    with pytest.raises(UserError) as caught:
+        build_vision_encoder(config)
+    message = str(caught.value)
+    assert "model.config.vision.model" in message and all(name in message for name in names), message
+
+
+@pytest.mark.parametrize("library,resize_mode,words", [
+    ("timm", None, "resized so its short side is 32 (bicubic), then centre-cropped to 32x32"),
+    ("open_clip", "shortest", "resized so its short side is 32 (bicubic), then centre-cropped to 32x32"),
+    ("open_clip", "longest", "resized so its long side is 32 (bicubic), then centre-cropped or padded to 32x32"),
+    ("open_clip", "squash", "stretched to 32x32 (bicubic), not keeping its aspect ratio"),
+])
+def test_transform_says_how_it_resizes(library, resize_mode, words):
+    config = tiny(library)
+    if resize_mode is not None:
+        config.model_kwargs["preprocess_cfg"] = {"resize_mode": resize_mode}
+    transform = build_vision_encoder(config).transform
+    assert transform.resize == words
+    # and it does what it says: a 64x32 image keeps its middle 32x32 (shortest), is squeezed (squash) or padded
+    image = Image.new("RGB", (64, 32), (255, 255, 255))
+    image.paste((0, 0, 0), (0, 0, 16, 32))  # a black band on the left quarter
+    left = transform(image)[:, 16, 0]
+    assert (left > 0).all() == (resize_mode in (None, "shortest"))  # cropped away, so the left edge is white
 
 
 @pytest.mark.parametrize("library,extra,mean", [
@@ -280,7 +314,6 @@ def test_config_from_dict_checks_keys():
     (tiny("open_clip", feature_layer=-3), "feature_layer=-3"),
     (tiny("open_clip", pretrained=True), "checkpoint_path"),
     (VisionConfig(name="open_clip", model="ViT-B-32", model_kwargs={"text_cfg": {}}), "text_cfg"),
-    (VisionConfig(name="open_clip", model="no-such-model"), "unknown open_clip model"),
     (VisionConfig(name="open_clip", model="hf-hub:org/repo"), "no hub access"),
     (tiny("open_clip", image_size=64), "set only one"),
     (VisionConfig(model=TIMM_MODEL, model_kwargs={"not_an_arg": 1}), "rejected model_kwargs"),

@@ -30,6 +30,7 @@ from typing import Any, Iterable, Iterator
 from PIL import Image
 from tqdm import tqdm
 
+from vlm.data.decode import DEFAULT_MAX_PIXELS
 from vlm.data.writer import SplitSummary, SplitWriter, sanitize_key
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -99,10 +100,10 @@ def read_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> tup
     """Return `(extension, bytes)` for an image file, verified by a full decode.
 
     Raises `SkipSample` with reason "corrupt image", "image too large" (more than `max_pixels`,
-    default PIL's `MAX_IMAGE_PIXELS`, checked before decoding) or one of `_read_file`'s.
+    default `DEFAULT_MAX_PIXELS`, the limit of every command, checked before decoding) or one of `_read_file`'s.
     """
     data = _read_file(path, "image")
-    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     try:
         with Image.open(io.BytesIO(data)) as image:
             if limit and image.width * image.height > limit:

@@ -5,8 +5,8 @@ Shards come from the internet, so every byte is untrusted:
   odd characters are refused, and a shard that ends early is detected (tarfile alone would stop
   silently at a truncated header);
 - images are decoded only if their bytes are JPEG, PNG or WEBP (the file extension is not trusted),
-  and only after the header's width x height passed the pixel limit, so a decompression bomb is
-  refused before a single pixel is decoded;
+  and only after the header's width x height passed the pixel limit (`DEFAULT_MAX_PIXELS`, the one
+  limit of every command), so a decompression bomb is refused before a single pixel is decoded;
 - members that would need unpickling (`.pth`, `.pkl`, `.pyd`, ..., object `.npy`) are refused,
   never loaded: unpickling runs arbitrary code;
 - text is strict UTF-8 and bad JSON is an error naming the sample and member.
@@ -26,7 +26,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any, BinaryIO
 
 import numpy as np
-from PIL import Image
+from PIL import Image, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 
 # Why a sample can be refused; the pipeline counts skips per reason.
 SKIP_REASONS: tuple[str, ...] = (
@@ -54,7 +54,13 @@ JSON_EXTENSIONS = frozenset({"json"})
 # Loading any of these means unpickling. .npy is loaded with allow_pickle=False instead.
 PICKLE_EXTENSIONS = frozenset({"pyd", "pth", "pt", "pkl", "pickle", "ckpt", "joblib"})
 ARRAY_EXTENSIONS = frozenset({"npy"})
+# The one image-size limit, used by the data reader, the converters, `vlm caption` and `vlm evaluate`:
+# width x height above it is refused from the header, before decoding (a decompression bomb).
 DEFAULT_MAX_PIXELS = 4096 * 4096
+# Header parsers without Pillow's own decompression-bomb check (Image.MAX_IMAGE_PIXELS, with its own
+# wording at 179 MP), so that our limit and our message are the only ones a user meets.
+_OPENERS = {"JPEG": JpegImagePlugin.jpeg_factory, "PNG": PngImagePlugin.PngImageFile,
+            "WEBP": WebPImagePlugin.WebPImageFile}
 
 
 class SampleError(ValueError):
@@ -94,6 +100,16 @@ def sniff_image_format(data: bytes) -> str | None:
     return "WEBP" if data[:4] == b"RIFF" and data[8:12] == b"WEBP" else None
 
 
+def check_image_size(width: int, height: int, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    """SampleError "image too large" when width x height exceeds `max_pixels`; its message (both
+    sizes and the fix) is the one every command shows, after the file's name."""
+    if width * height > max_pixels:
+        side = int(max_pixels ** 0.5)
+        square = f" ({side}x{side})" if side * side == max_pixels else ""
+        raise SampleError(f"{width}x{height} image ({width * height:,} pixels) exceeds the limit of "
+                          f"{max_pixels:,} pixels{square}; downscale it", reason="image too large")
+
+
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode JPEG/PNG/WEBP bytes to an RGB image, refusing bombs from the header alone.
 
@@ -106,19 +122,14 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
     if kind is None:
         raise SampleError(f"bytes are not JPEG, PNG or WEBP (start {data[:8]!r})", reason="image format")
     try:
-        with warnings.catch_warnings():  # our own limit below is the one that applies
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=[kind])  # lazy: reads the header only
-    except Image.DecompressionBombError as error:
-        raise SampleError(str(error), reason="image too large") from None
+        image = _OPENERS[kind](io.BytesIO(data))  # lazy: reads the header only
     except Exception as error:  # any parser failure on untrusted bytes means a corrupt image
         raise SampleError(f"{kind} header does not parse: {error}", reason="corrupt image") from None
-    width, height = image.size
-    if width * height > max_pixels:
-        raise SampleError(f"{width}x{height} image exceeds the limit of {max_pixels} pixels",
-                          reason="image too large")
+    check_image_size(*image.size, max_pixels=max_pixels)
     try:
-        image.load()
+        with warnings.catch_warnings():  # our own limit above is the one that applies
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image.load()
         return _to_rgb(image)
     except Exception as error:
         raise SampleError(f"{kind} data does not decode: {error}", reason="corrupt image") from None

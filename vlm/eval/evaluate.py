@@ -1,5 +1,9 @@
 """`vlm evaluate --model D --data SHARDS`: caption the images of caption shards, score the captions
-against their references (exact match, BLEU-4, CIDEr-D), and write a JSON report and a PNG grid."""
+against their references (exact match, BLEU-4, CIDEr-D), and write a JSON report and a PNG grid.
+
+Samples that cannot be used are skipped and counted by reason; the first error of each reason (e.g.
+an image over the pixel limit every vlm command applies, `DEFAULT_MAX_PIXELS`) is printed on stderr,
+naming the shard, sample and member."""
 
 from __future__ import annotations
 
@@ -30,14 +34,17 @@ class CaptionExample:
     references: list[str]
 
 
-def caption_examples(shards: Sequence[str | Path], *, limit: int | None = None, skipped: Counter | None = None) -> Iterator[CaptionExample]:
-    """Caption samples of the shards, in order; other kinds and bad samples are counted in `skipped`."""
+def caption_examples(shards: Sequence[str | Path], *, limit: int | None = None, skipped: Counter | None = None,
+                     errors: dict[str, str] | None = None) -> Iterator[CaptionExample]:
+    """Caption samples of the shards, in order; other kinds and bad samples are counted in `skipped`,
+    and `errors` keeps the first bad sample's message per reason."""
     skipped = skipped if skipped is not None else Counter()
+    errors = errors if errors is not None else {}
     count = 0
     for shard in shards:
         with open(shard, "rb") as stream:
             for raw in iter_shard_samples(stream, str(shard), max_member_bytes=64 * 2**20):
-                example = _example(raw, skipped)
+                example = _example(raw, skipped, errors)
                 if example is None:
                     continue
                 yield example
@@ -46,14 +53,14 @@ def caption_examples(shards: Sequence[str | Path], *, limit: int | None = None, 
                     return
 
 
-def _example(raw: dict, skipped: Counter) -> CaptionExample | None:
-    if "__error__" in raw:
-        skipped[raw["__error__"].reason] += 1
-        return None
+def _example(raw: dict, skipped: Counter, errors: dict[str, str]) -> CaptionExample | None:
     try:
-        sample = decode_sample(raw)
+        if "__error__" in raw:
+            raise raw["__error__"]
+        sample = decode_sample(raw)  # images over DEFAULT_MAX_PIXELS are refused from their header
     except SampleError as error:
         skipped[error.reason] += 1
+        errors.setdefault(error.reason, str(error))
         return None
     if sample_kind(sample) != "caption":
         skipped[f"not a caption sample ({sample_kind(sample)})"] += 1
@@ -71,9 +78,11 @@ def evaluate(captioner: Captioner, shards: Sequence[str | Path], *, limit: int |
              max_new_tokens: int = 32, progress: bool = True) -> dict:
     """Caption every example and score; returns the report (metrics, counts, per-sample results)."""
     skipped: Counter = Counter()
-    examples = list(caption_examples(shards, limit=limit, skipped=skipped))
+    errors: dict[str, str] = {}
+    examples = list(caption_examples(shards, limit=limit, skipped=skipped, errors=errors))
     if not examples:
-        raise ValueError(f"no caption samples in {[str(s) for s in shards]} (skipped: {dict(skipped)})")
+        first = "".join(f"; first {reason}: {message}" for reason, message in errors.items())
+        raise ValueError(f"no caption samples in {[str(s) for s in shards]} (skipped: {dict(skipped)}{first})")
     start = time.perf_counter()
     predictions: list[str] = []
     bar = tqdm(total=len(examples), unit="image", desc="captioning", disable=not progress)
@@ -87,8 +96,9 @@ def evaluate(captioner: Captioner, shards: Sequence[str | Path], *, limit: int |
     samples = [{"key": e.key, "prediction": p, "references": e.references,
                 "exact": normalise_caption(p) in {normalise_caption(r) for r in e.references}}
                for e, p in zip(examples, predictions)]
-    return {"metrics": metrics, "images": len(examples), "skipped": dict(skipped), "seconds": round(seconds, 2),
-            "images_per_second": round(len(examples) / seconds, 2), "samples": samples, "_examples": examples}
+    return {"metrics": metrics, "images": len(examples), "skipped": dict(skipped), "first_errors": errors,
+            "seconds": round(seconds, 2), "images_per_second": round(len(examples) / seconds, 2),
+            "samples": samples, "_examples": examples}
 
 
 def write_report(report: dict, out: str | Path, *, grid_images: int = 16) -> tuple[Path, Path]:
@@ -122,6 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"vlm evaluate: {err}", file=sys.stderr)
         return 2
+    for reason, message in report["first_errors"].items():
+        count = report["skipped"][reason]
+        print(f"vlm evaluate: skipped {count} sample(s), the first: {message}", file=sys.stderr)
     json_path, png_path = write_report(report, args.out or Path(args.model) / "eval")
     m = report["metrics"]
     print(f"{report['images']} images: exact match {m['exact_match']:.3f}, BLEU-4 {m['bleu4']:.3f}, CIDEr-D {m['cider_d']:.3f}")

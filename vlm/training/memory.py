@@ -1,9 +1,11 @@
-"""`vlm memory --config A.yaml [--config B.yaml ...] [--devices N] [--batch-size B] [--seq-len T]`:
+"""`vlm memory --config A.yaml [--config B.yaml ...] [--devices N] [--batch-size B] [--seq-len T] [--trainer.X V]`:
 the memory one device needs to train a recipe, known before launching it.
 
-The YAMLs are composed as `vlm fit` composes them; the model is built on the meta device (no
-memory, no weights read) with the recipe's stage freezing, so parameter counts and the trained
-parts are exact. The rest is derived from shapes, for one steady-state training step:
+The YAMLs and `--trainer.*` / `--model.*` / `--data.*` overrides are composed as `vlm fit` composes
+them, and what training refuses (fp8 with FSDP1, fp8 with tensor parallelism) is refused here too,
+in the same words. The model is built on the meta device (no memory, no weights read) with the
+recipe's stage freezing, so parameter counts and the trained parts are exact. The rest is derived
+from shapes, for one steady-state training step:
 
 - weights, gradients and AdamW's two moments, in the parameters' dtype. Lightning's mixed precision
   keeps fp32 parameters: they are the master weights, there is no third copy. FSDP (`fsdp`, an
@@ -43,6 +45,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 from torch import nn
 
+from vlm.errors import UserError
 from vlm.model import VisionLanguageModel, VLMConfig, build_model
 from vlm.stages import ParameterTable, set_trainable
 from vlm.training.activations import Activations, Shapes, activation_rows
@@ -87,6 +90,7 @@ class Strategy:
     checkpointing: bool
     tensor_parallel: int = 1  # decoder linears split Megatron-style (FSDP2 only)
     offload: bool = False  # FSDP cpu_offload: sharded weights, gradients, optimizer live in host memory
+    kind: str = "single"  # single, ddp, fsdp (FSDP1) or fsdp2
 
     def tensor_split(self, name: str) -> int:
         """How many ways tensor parallelism splits parameter `name` (decoder linears only)."""
@@ -141,7 +145,17 @@ def resolve_strategy(trainer: Mapping[str, Any], model: Mapping[str, Any], preci
     flags = [model.get("activation_checkpointing")] + [args.get(k) for k in ("activation_checkpointing", "activation_checkpointing_policy")]
     name = spec if cls is None else cls.__name__
     return Strategy(f"{name} ({kind})", world, weight, state, gather, kind == "ddp" and world > 1, any(bool(f) for f in flags),
-                    tp, bool(args.get("cpu_offload")))
+                    tp, bool(args.get("cpu_offload")), kind)
+
+
+def check_trainable(precision: Precision, strategy: Strategy) -> None:
+    """Refuse, with training's own words, the combinations `vlm fit` refuses."""
+    if precision.fp8_recipe and strategy.kind == "fsdp":
+        raise UserError("fp8 (configs/precision/fp8.yaml) does not combine with FSDP1 (configs/strategy/fsdp.yaml; "
+                        "Lightning accepts only its own precision there): use configs/strategy/fsdp2.yaml")
+    if precision.fp8_recipe and strategy.tensor_parallel > 1:
+        raise UserError("fp8 (configs/precision/fp8.yaml) does not combine with tensor parallelism "
+                        "(tensor_parallel_size > 1): drop one of them")
 
 
 def _strategy_kind(spec: Any, cls: type | None, world: int) -> str:
@@ -268,9 +282,9 @@ class RecipeParser(VLMCLI):
         pass
 
 
-def compose(config_files: Sequence[str]) -> dict[str, Any]:
-    """The recipe as `vlm fit --config A --config B ...` sees it, as plain dicts (seeds nothing)."""
-    args = [arg for path in config_files for arg in ("--config", str(path))]
+def compose(config_files: Sequence[str], cli_args: Sequence[str] = ()) -> dict[str, Any]:
+    """The recipe as `vlm fit --config A --config B ... [cli_args]` sees it, as plain dicts (seeds nothing)."""
+    args = [arg for path in config_files for arg in ("--config", str(path))] + list(cli_args)
     with warnings.catch_warnings():  # `vlm memory`'s own argv is not meant for LightningCLI
         warnings.filterwarnings("ignore", message=".*args parameter is intended")
         parser = RecipeParser(args=[*args, "--seed_everything=false"], run=False)
@@ -288,8 +302,10 @@ def meta_model(model: Mapping[str, Any]) -> tuple[VisionLanguageModel, Parameter
 
 
 def estimate_memory(config_files: list[str], *, devices: int | None = None, batch_size: int | None = None,
-                    seq_len: int | None = None, images_per_sample: int = 1) -> MemoryEstimate:
-    """Per-device memory of training the recipe composed from `config_files` (later files override).
+                    seq_len: int | None = None, images_per_sample: int = 1, cli_args: Sequence[str] = ()) -> MemoryEstimate:
+    """Per-device memory of training the recipe composed from `config_files` (later files override)
+    and `cli_args` (`--trainer.devices`, `8`, ... as for `vlm fit`). Raises UserError for a recipe
+    training refuses.
 
     devices: processes in total (default trainer.devices x trainer.num_nodes; "auto" counts 1).
     batch_size: per device (default data.batch_size). seq_len: padded text length, image tokens
@@ -299,15 +315,16 @@ def estimate_memory(config_files: list[str], *, devices: int | None = None, batc
     for name, value in overrides.items():
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    recipe = compose(config_files)
+    recipe = compose(config_files, cli_args)
     trainer, model_section, data = recipe["trainer"], recipe["model"], recipe.get("data") or {}
+    precision = resolve_precision(trainer)
+    strategy = resolve_strategy(trainer, model_section, precision, devices)
+    check_trainable(precision, strategy)  # before the model is built: refused recipes fail fast
     model, table = meta_model(model_section)
     seq_len = seq_len or data.get("max_length") or model.text.config.max_seq_len
     shapes = Shapes(batch_size or data.get("batch_size") or 1, seq_len, images_per_sample)
     if seq_len < images_per_sample * model.tokens_per_image:
         raise ValueError(f"seq_len {seq_len} cannot hold {images_per_sample} image(s) x {model.tokens_per_image} tokens")
-    precision = resolve_precision(trainer)
-    strategy = resolve_strategy(trainer, model_section, precision, devices)
     activations = Activations(model, precision, shapes, tensor_parallel=strategy.tensor_parallel)
     grad_parts = {part for part, on in (("vision", activations.vision_grad), ("fusion", activations.upstream),
                                         ("text", activations.text_grad)) if on}
@@ -338,16 +355,18 @@ def _notes(trainer: Mapping[str, Any], precision: Precision, strategy: Strategy,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vlm memory", description="Per-device memory of training a recipe (no GPU needed).")
+    parser = argparse.ArgumentParser(prog="vlm memory", description="Per-device memory of training a recipe (no GPU "
+                                     "needed). Other arguments (--trainer.* / --model.* / --data.*) override the recipe "
+                                     "as for vlm fit.")
     parser.add_argument("--config", action="append", required=True, help="a recipe YAML; repeat to compose, as for vlm fit")
     parser.add_argument("--devices", type=int, help="devices in total (default: trainer.devices x trainer.num_nodes)")
     parser.add_argument("--batch-size", type=int, help="per-device batch size (default: data.batch_size)")
     parser.add_argument("--seq-len", type=int, help="padded sequence length, image tokens included (default: data.max_length)")
     parser.add_argument("--images-per-sample", type=int, default=1, help="images in each sample (default 1)")
-    args = parser.parse_args(argv)
+    args, cli_args = parser.parse_known_args(argv)  # the rest: --trainer.* / --model.* / --data.* as for vlm fit
     try:
         estimate = estimate_memory(args.config, devices=args.devices, batch_size=args.batch_size, seq_len=args.seq_len,
-                                   images_per_sample=args.images_per_sample)
+                                   images_per_sample=args.images_per_sample, cli_args=cli_args)
     except (ValueError, argparse.ArgumentError) as err:
         print(f"vlm memory: {err}", file=sys.stderr)
         return 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import difflib
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Any, TypeVar
 
 import torch
 from torch import nn
+
+from vlm.errors import UserError
 
 _CHECKPOINT_WRAPPER_KEYS = ("state_dict", "model")  # training checkpoints nest weights under these
 _MAX_LISTED_KEYS = 10
@@ -105,8 +108,37 @@ class ImageTransform:
         # grey, palette and RGBA images would otherwise reach the normaliser with 1 or 4 channels
         return self.pipeline(image.convert("RGB"))
 
+    @property
+    def resize(self) -> str:
+        """How an image of another size becomes S x S, in words ("resized so its short side is 224
+        (bicubic), then centre-cropped to 224x224"), read from the pipeline's own steps."""
+        steps = [_describe_step(step) for step in getattr(self.pipeline, "transforms", [self.pipeline])]
+        steps = [step for step in steps if step]
+        return ", then ".join(steps) if steps else f"resized to {self.image_size}x{self.image_size}"
+
     def __repr__(self) -> str:
         return f"ImageTransform(image_size={self.image_size}, mean={self.mean}, std={self.std})"
+
+
+def _describe_step(step: Any) -> str | None:
+    """Words for one resize or crop step of a torchvision / timm / open_clip eval pipeline, else None."""
+    kind, size = type(step).__name__, getattr(step, "size", None)
+    interpolation = getattr(step, "interpolation", None)
+    how = f" ({getattr(interpolation, 'value', interpolation)})" if interpolation is not None else ""
+    sides = [size] if isinstance(size, int) else list(size) if isinstance(size, (tuple, list)) else []
+    square = "x".join(map(str, sides * 2 if len(sides) == 1 else sides[::-1]))  # torchvision sizes are (h, w)
+    if kind == "Resize" and len(sides) == 1:
+        return f"resized so its short side is {sides[0]}{how}"
+    if kind == "Resize" and sides:
+        return f"stretched to {square}{how}, not keeping its aspect ratio"
+    if kind == "ResizeKeepRatio" and sides:
+        side = "long" if getattr(step, "longest", 0) >= 0.5 else "short"
+        return f"resized so its {side} side is {max(sides) if side == 'long' else min(sides)}{how}"
+    if kind == "CenterCrop" and sides:
+        return f"centre-cropped to {square}"
+    if kind == "CenterCropOrPad" and sides:
+        return f"centre-cropped or padded to {square}"
+    return None
 
 
 class VisionEncoder(nn.Module, abc.ABC):
@@ -250,6 +282,14 @@ def _short_list(items: list[str]) -> str:
     return shown if len(items) <= _MAX_LISTED_KEYS else f"{shown}, ... and {len(items) - _MAX_LISTED_KEYS} more"
 
 
+def unknown_model_error(library: str, name: str, known: list[str], *, hint: str) -> UserError:
+    """UserError for a model name the library does not know, with the closest known names (any case)."""
+    by_lower = {k.lower(): k for k in known}
+    close = [by_lower[k] for k in difflib.get_close_matches(name.lower(), list(by_lower), n=5, cutoff=0.6)]
+    matches = f"close matches: {', '.join(close)}" if close else "no close match"
+    return UserError(f"unknown {library} model {name!r} (model.config.vision.model); {matches}; {hint}")
+
+
 EncoderT = TypeVar("EncoderT", bound=type[VisionEncoder])
 _REGISTRY: dict[str, type[VisionEncoder]] = {}
 
@@ -285,6 +325,9 @@ def build_vision_encoder(config: VisionConfig) -> VisionEncoder:
     """Registered class -> ``from_config`` -> local checkpoint -> frozen or not."""
     if config.name not in _REGISTRY:
         raise ValueError(f"unknown vision encoder {config.name!r}; registered: {list_encoders()}")
+    if config.checkpoint_path is not None and not Path(config.checkpoint_path).is_file():  # before building
+        raise UserError(f"vision checkpoint {config.checkpoint_path} (model.config.vision.checkpoint_path) does not "
+                        "exist: fix the path, or set it to null to start from random weights")
     encoder = _REGISTRY[config.name].from_config(config)
     if config.checkpoint_path is not None:
         encoder.load_checkpoint(config.checkpoint_path)

@@ -23,7 +23,7 @@ from open_clip.transform import PreprocessCfg
 from torch import nn
 
 from vlm.vision.base import (ImageTransform, VisionConfig, VisionEncoder, load_state_dict_checked,
-                             read_state_dict, register)
+                             read_state_dict, register, unknown_model_error)
 
 _MODEL_KWARGS = ("embed_dim", "quick_gelu", "vision_cfg", "preprocess_cfg")
 _VISUAL_PREFIX = "visual."  # full open_clip checkpoints hold the image tower under this prefix
@@ -163,7 +163,8 @@ def _base_config(model: str) -> tuple[dict[str, Any], PreprocessCfg]:
     else:
         model_cfg = open_clip.get_model_config(model)
         if model_cfg is None:
-            raise ValueError(f"unknown open_clip model {model!r}; see open_clip.list_models() or pass a .json config")
+            raise unknown_model_error("open_clip", model, open_clip.list_models(),
+                                      hint="list them with open_clip.list_models(), or pass a .json config")
         preprocess = PreprocessCfg()
     if "vision_cfg" not in model_cfg:
         raise ValueError(f"open_clip config {model!r} has no vision_cfg")

@@ -13,7 +13,7 @@ from timm.models import get_pretrained_cfg
 from torch import nn
 
 from vlm.vision.base import (ImageTransform, VisionConfig, VisionEncoder, load_state_dict_checked,
-                             read_state_dict, register)
+                             read_state_dict, register, unknown_model_error)
 
 
 @register("timm")
@@ -95,6 +95,11 @@ def create_timm_model(config: VisionConfig) -> nn.Module:
         return timm.create_model(config.model, pretrained=config.pretrained, **kwargs)
     except TypeError as err:
         raise ValueError(f"timm model {config.model!r} rejected model_kwargs {sorted(kwargs)}: {err}") from err
+    except RuntimeError as err:
+        if str(err).startswith("Unknown model"):
+            raise unknown_model_error("timm", config.model, timm.list_models(),
+                                      hint="list them with timm.list_models('*pattern*')") from None
+        raise
 
 
 def timm_transform(model: nn.Module, *, image_size: int) -> ImageTransform:

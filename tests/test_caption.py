@@ -130,7 +130,7 @@ def test_cli_help_documents_the_output(capsys):
     out = " ".join(capsys.readouterr().out.split())  # argparse re-wraps the description
     assert "PATH<TAB>CAPTION" in out
     assert "short side is resized" in out and "centre is cropped" in out and "more than 2x larger or smaller" in out
-    assert f"{DEFAULT_MAX_PIXELS:,} pixels are refused" in out
+    assert f"more than {DEFAULT_MAX_PIXELS:,} pixels (4096 squared) are refused" in out
 
 
 def test_cli_warns_once_about_images_far_from_the_model_size(model_dir, pngs, capsys, tmp_path):

@@ -13,6 +13,7 @@ Images go through the vision tower's own transform to its square input size; an 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -127,7 +128,8 @@ _RESIZE_HELP = (
     "to that size (bicubic for most models) and the square in the centre is cropped, so the ends of the "
     "long side are cut off; open_clip's resize_mode 'longest' pads instead, 'squash' stretches. An image "
     f"more than {FAR_FACTOR}x larger or smaller than that size on either side gets a warning on stderr. "
-    f"Images above {DEFAULT_MAX_PIXELS:,} pixels are refused, as by the data reader and `vlm evaluate`.")
+    f"Images of more than {DEFAULT_MAX_PIXELS:,} pixels ({math.isqrt(DEFAULT_MAX_PIXELS)} squared) are refused, as "
+    "by the data reader and `vlm evaluate`.")
 
 
 def _build_parser() -> argparse.ArgumentParser:

@@ -170,3 +170,15 @@ def run_ranks(command: list[str], *, cwd: Path, timeout: float = 300, expect: in
             pass
     assert process.returncode == expect, stderr[-12000:]
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+class SignalAtStep(L.Callback):
+    """Sends its own process `signum` (SIGINT: Ctrl-C) when training reaches `step`, once."""
+
+    def __init__(self, step: int, signum: int = int(signal.SIGINT)) -> None:
+        self.step, self.signum, self.sent = step, signum, False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)

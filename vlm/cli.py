@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib
 import sys
+import traceback
+from pathlib import Path
 
 from vlm.errors import UserError
 
@@ -35,6 +37,25 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+_PACKAGE = str(Path(__file__).resolve().parent)
+
+
+def is_user_error(error: BaseException) -> bool:
+    """Errors a user fixes: UserError and missing/existing files anywhere, and the ValueError,
+    KeyError or TypeError that vlm's own checks raise (validation of configs and inputs); the same
+    types raised inside torch, Lightning or another library are bugs and keep their traceback."""
+    if isinstance(error, (UserError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)):
+        return True
+    if not isinstance(error, (ValueError, KeyError, TypeError)) or error.__traceback__ is None:
+        return False
+    return traceback.extract_tb(error.__traceback__)[-1].filename.startswith(_PACKAGE)
+
+
+def one_line(error: BaseException) -> str:
+    text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # full tracebacks for every error
@@ -50,10 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     func = getattr(importlib.import_module(module_name), func_name)
     try:
         result = func([name, *rest] if name in _KEEP_NAME else rest)
-    except (UserError, FileNotFoundError) as error:
-        if debug:
+    except Exception as error:
+        if debug or not is_user_error(error):
             raise
-        print(f"vlm {name}: {error}", file=sys.stderr)
+        print(f"vlm {name}: {one_line(error)}", file=sys.stderr)
         return 2
     return int(result or 0)
 

@@ -58,3 +58,31 @@ def test_truncated_checkpoint_is_never_last(tmp_path, shapes_dir):
     assert latest_complete_checkpoint(folder) is None
     assert main(fit_args(recipe, "llava", "--ckpt_path", "last", "--trainer.max_steps", "1")) == 0
     assert not list(folder.glob("*.tmp"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_saves_a_checkpoint_and_resume_is_exact(tmp_path, shapes_dir, signum):
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    assert main(fit_args(tiny_recipe(straight, shapes_dir, max_steps=10, every=100), "llava")) == 0
+    expected = read_losses(straight / "run")
+
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    recipe = tiny_recipe(stopped, shapes_dir, max_steps=10, every=100)  # no periodic checkpoint before step 10
+    interrupt = ["--trainer.callbacks+=training_helpers.SignalAtStep", "--trainer.callbacks.step=4",
+                 f"--trainer.callbacks.signum={int(signum)}"]
+    result = _run_cli(fit_args(recipe, "llava", *interrupt), stopped)
+    assert result.returncode == 130, result.stderr[-3000:]
+    assert "saved" in result.stderr and "--ckpt_path last" in result.stderr
+    last = stopped / "run" / "checkpoints" / "last.ckpt"
+    assert is_complete(last)
+    import torch
+
+    assert torch.load(last, weights_only=True)["global_step"] == 5  # the step under way was finished
+    assert main(fit_args(recipe, "llava", "--ckpt_path", "last")) == 0
+    resumed = read_losses(stopped / "run")
+    assert sorted(resumed) == list(range(10))
+    for step in range(5, 10):
+        assert resumed[step] == expected[step], (step, resumed[step], expected[step])

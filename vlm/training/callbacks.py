@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
+import sys
+import threading
 from pathlib import Path
 
 import lightning as L
@@ -42,6 +45,57 @@ class TrainingState(L.Callback):
         random.setstate((version, tuple(internal), gauss))
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
+
+
+class SaveOnInterrupt(L.Callback):
+    """Ctrl-C (SIGINT) or SIGTERM during `vlm fit`: finish the current step, write a complete
+    checkpoint (`last.ckpt` in the checkpoint directory, atomically like the others) and stop, so
+    that `--ckpt_path last` continues from there. A second signal stops at once without saving."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.saved: Path | None = None
+        self._previous: dict[int, object] = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in self.SIGNALS:
+            self._previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received is not None:  # the second one: give up on saving
+            self._restore()
+            raise KeyboardInterrupt
+        self.received = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
+              "(send it again to stop without saving)", file=sys.stderr, flush=True)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        stop = self.received is not None
+        if trainer.world_size > 1:  # one rank's Ctrl-C stops them all at the same step
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if not stop:
+            return
+        folders = [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+        self.saved = (folders[0] if folders else Path(trainer.default_root_dir) / "checkpoints") / "last.ckpt"
+        trainer.save_checkpoint(self.saved)
+        rank_zero_info(f"interrupted at step {trainer.global_step}: saved {self.saved}; continue with --ckpt_path last")
+        trainer.should_stop = True
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
 
 
 class CaptionWriter(BasePredictionWriter):

@@ -10,18 +10,27 @@ into a checkpoint directory that holds an earlier run's checkpoints unless it re
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+import io
 import logging
 import os
+import re
 import shutil
+import sys
+import time
+import warnings
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from vlm.errors import UserError
-from vlm.training.callbacks import CaptionWriter, TrainingState
+from vlm.training.callbacks import CaptionWriter, SaveOnInterrupt, TrainingState
 from vlm.training.checkpointing import AtomicCheckpointIO, latest_complete_checkpoint
 from vlm.training.datamodule import VLMDataModule
 from vlm.training.module import VLMModule
@@ -31,6 +40,7 @@ log = logging.getLogger(__name__)
 
 class VLMCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, **kwargs: Any) -> None:
+        quiet_startup()
         # Recipes write ${model.config.fusion.name}: paths from the subcommand's root, not "fit.".
         set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
         super().__init__(
@@ -40,8 +50,22 @@ class VLMCLI(LightningCLI):
             save_config_kwargs={"overwrite": True},  # the run folder itself is guarded in fit()
             # ${...} interpolation over the merged recipe, e.g. output folders named after the fusion
             parser_kwargs={"parser_mode": "omegaconf+"},
+            auto_configure_optimizers=False,  # the optimizer is model.optim (--optimizer would see no parameters)
             **kwargs,
         )
+
+    def parse_arguments(self, parser, args) -> None:
+        """jsonargparse prints ~100 lines of usage before a config error; we say it in one line."""
+        captured = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(captured):
+                super().parse_arguments(parser, args)
+        except SystemExit as exit_:
+            if exit_.code in (0, None):
+                raise
+            subcommand = next((a for a in (args or sys.argv[1:]) if not a.startswith("-")), "fit")
+            raise UserError(explain_parse_error(captured.getvalue(), list(args or sys.argv[1:]), parser, subcommand)) from None
+        sys.stderr.write(captured.getvalue())
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--overwrite", action="store_true",
@@ -53,6 +77,8 @@ class VLMCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         if not any(isinstance(cb, TrainingState) for cb in trainer.callbacks):
             trainer.callbacks.append(TrainingState())
+        if self.subcommand == "fit" and not any(isinstance(cb, SaveOnInterrupt) for cb in trainer.callbacks):
+            trainer.callbacks.append(SaveOnInterrupt())
         if self.subcommand == "predict" and not any(isinstance(cb, CaptionWriter) for cb in trainer.callbacks):
             path = self.config["predict"].get("predictions") or Path(trainer.default_root_dir) / "predictions.jsonl"
             trainer.callbacks.append(CaptionWriter(path))
@@ -63,9 +89,22 @@ class VLMCLI(LightningCLI):
     def fit(self, model: VLMModule, datamodule: VLMDataModule | None = None, ckpt_path: str | None = None, **kwargs: Any) -> None:
         if ckpt_path == "last":
             ckpt_path = self._resolve_last(required=False)
+        elif ckpt_path is not None:
+            ckpt_path = self._checkpoint(ckpt_path)
         elif _is_launcher_process():
             self._guard_output(overwrite=bool(self.config["fit"].get("overwrite")))
-        self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, **kwargs)
+        started = time.time()
+        try:
+            self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, **kwargs)
+        except BaseException:
+            if self.trainer.global_step == 0 and self.trainer.is_global_zero:
+                _remove_empty_logs(self.trainer, since=started)
+            raise
+
+    @property
+    def interrupted(self) -> bool:
+        """Whether `vlm fit` stopped on SIGINT/SIGTERM (after saving a checkpoint)."""
+        return any(isinstance(cb, SaveOnInterrupt) and cb.received is not None for cb in self.trainer.callbacks)
 
     def validate(self, model: VLMModule, datamodule: VLMDataModule | None = None, ckpt_path: str | None = None, **kwargs: Any):
         return self.trainer.validate(model, datamodule=datamodule, ckpt_path=self._checkpoint(ckpt_path), **kwargs)
@@ -117,6 +156,73 @@ class VLMCLI(LightningCLI):
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
+def explain_parse_error(output: str, args: list[str], parser, subcommand: str) -> str:
+    """jsonargparse's `error: ...` as one line: the key at fault, the --config file that holds it,
+    and the nearest valid key."""
+    message = output.split("error: ", 1)[-1].strip() or "invalid arguments"
+    message = " ".join(line.strip() for line in message.splitlines())
+    found = re.search(r"""(?:option|key|Key) ["']([\w.]+)["']""", message)
+    if found is None:
+        return message + f" (vlm {subcommand} --help lists every key)"
+    key = found.group(1).removeprefix("--")
+    typed = re.search(r"Expected a <class '(\w+)'>\. Got value: (.*)", message)
+    if typed:
+        message = f"expected {typed.group(1)}, got {typed.group(2).strip()!r}"
+    where = next((path for path in reversed(_config_files(args)) if _holds_key(path, key)), None)
+    if any(a.split("=", 1)[0] == f"--{key}" for a in args):
+        where = "command line"
+    subparser = parser._subcommands_action._name_parser_map.get(subcommand, parser)
+    valid = [a.dest for a in subparser._actions if a.dest and not a.dest.endswith(".help")]
+    unknown = "does not accept" in message or "unrecognized" in message
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.75) if unknown else []
+    text = f"unknown key {key}" if unknown else f"{key}: " + message.removeprefix(f'Parser key "{key}": ')
+    hint = f" (did you mean {close[0]}?)" if close else (f" (vlm {subcommand} --help lists every key)" if unknown else "")
+    return f"{where}: {text}{hint}" if where else f"{text}{hint}"
+
+
+def _config_files(args: list[str]) -> list[str]:
+    files = [b for a, b in zip(args, args[1:]) if a in ("--config", "-c")]
+    return files + [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+
+
+def _holds_key(path: str, key: str) -> bool:
+    try:
+        node = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    parts = key.split(".")
+    if node and parts[0] in ("fit", "validate", "test", "predict") and parts[0] not in node:
+        parts = parts[1:]
+    for part in parts:
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _remove_empty_logs(trainer, *, since: float) -> None:
+    """A run that failed before its first step leaves no log folder behind (only ones it made)."""
+    for logger in trainer.loggers:
+        folder = getattr(logger, "log_dir", None)
+        if folder and Path(folder).is_dir() and Path(folder).stat().st_mtime >= since - 1:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in str(record.msg)
+
+
+def quiet_startup() -> None:
+    """No start-up noise that is not about the run: Lightning's advertising tip, its own
+    deprecation warnings, and its warning about `args` (the `vlm` command passes its argv on)."""
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropTips) for f in logger.filters):
+        logger.addFilter(_DropTips())
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+
+
 def _is_launcher_process() -> bool:
     """True in the process a user started (not in the ranks Lightning or torchrun start)."""
     return all(int(os.environ.get(name, "0")) == 0 for name in ("LOCAL_RANK", "RANK", "NODE_RANK"))
@@ -124,5 +230,5 @@ def _is_launcher_process() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    VLMCLI(args=argv)
-    return 0
+    cli = VLMCLI(args=argv)
+    return 130 if cli.subcommand == "fit" and cli.interrupted else 0

@@ -1,5 +1,6 @@
 """Every command of the README's quick tour runs, in order, with tiny settings."""
 
+import json
 import random
 import re
 import shlex
@@ -9,7 +10,7 @@ import pytest
 import yaml
 
 from vlm.cli import main
-from vlm.data.shapes import draw_scene
+from vlm.data.shapes import caption, draw_scene
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -22,10 +23,21 @@ TINY = {
 }
 
 
-def quick_tour() -> list[str]:
+def commands(section: str) -> list[str]:
+    """The first command block of a README section."""
     text = (ROOT / "README.md").read_text()
-    block = text.split("## Quick tour", 1)[1].split("\n\n", 2)[1]
+    body = text.split(f"## {section}", 1)[1]
+    block = next(b for b in body.split("\n\n") if b.startswith("    vlm "))
     return [line.strip() for line in block.splitlines() if line.strip().startswith("vlm ")]
+
+
+def quick_tour() -> list[str]:
+    return commands("Quick tour")
+
+
+def python_blocks(section: str) -> list[str]:
+    text = (ROOT / "README.md").read_text().split(f"## {section}", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
 
 
 def tiny(command: str) -> list[str]:
@@ -54,3 +66,38 @@ def test_quick_tour_commands_run(tmp_path, monkeypatch):
     assert (tmp_path / "outputs" / "shapes" / "llava" / "model" / "eval" / "report.json").exists()
     assert (tmp_path / "outputs" / "shapes" / "flamingo" / "checkpoints" / "last.ckpt").exists()
     assert len((tmp_path / "outputs" / "shapes" / "llava" / "predictions.jsonl").read_text().splitlines()) == 24
+    (snippet,) = python_blocks("Quick tour")  # the Python example, on the model the tour exported
+    exec(compile(snippet, "README.md", "exec"), {})
+
+
+def test_extending_snippet_registers_a_fusion():
+    import vlm.fusion
+
+    (snippet,) = python_blocks("Extending")
+    exec(compile(snippet, "README.md", "exec"), {"__name__": "readme"})
+    assert "mine" in vlm.fusion.list_fusions()
+
+
+@pytest.mark.slow
+def test_own_data_sequence_runs(tmp_path, monkeypatch, capsys):
+    """The "Your own data" commands, verbatim but for a tiny model, on a folder of generated images."""
+    sequence = commands("Your own data")
+    assert [c.split()[1] for c in sequence] == ["data", "fit", "export", "caption", "evaluate"]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    folder = tmp_path / "my_images"
+    folder.mkdir()
+    rng = random.Random(0)
+    for i in range(60):
+        image, scene = draw_scene(rng)
+        image.convert("RGB").save(folder / f"photo{i}.jpg", quality=90)
+        (folder / f"photo{i}.txt").write_text(caption(scene))
+    for command in sequence:
+        capsys.readouterr()
+        assert main(tiny(command)) == 0, (command, capsys.readouterr().err[-2000:])
+    summary_and_scores = capsys.readouterr().out
+    assert (tmp_path / "outputs" / "mine" / "tokenizer.json").exists()  # trained on these captions
+    assert not (tmp_path / "data" / "shapes").exists()  # no synthetic data made
+    report = json.loads((tmp_path / "outputs" / "mine" / "eval" / "report.json").read_text())
+    assert 1 <= report["images"] < 60, summary_and_scores

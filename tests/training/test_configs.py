@@ -15,6 +15,8 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 RECIPES = [
     ["shapes.yaml", "fusion/llava.yaml"],
     ["shapes.yaml", "fusion/flamingo.yaml"],
+    ["own_data.yaml", "fusion/llava.yaml"],
+    ["own_data.yaml", "fusion/flamingo.yaml"],
     *[["llama32_1b_clip/base.yaml", f"llama32_1b_clip/{fusion}.yaml", f"stage/{stage}.yaml"]
       for fusion in ("llava", "flamingo") for stage in ("align", "instruct")],
 ]
@@ -26,7 +28,7 @@ MODIFIERS = sorted(str(p.relative_to(CONFIGS)) for folder in ("strategy", "preci
 
 def test_every_shipped_yaml_is_in_a_tested_recipe():
     shipped = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml"))
-    assert len(shipped) == 8 + len(MODIFIERS), shipped
+    assert len(shipped) == 9 + len(MODIFIERS), shipped
     assert len(MODIFIERS) >= 2
     assert sorted({f for recipe in RECIPES for f in recipe} | set(MODIFIERS)) == shipped
 

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.slow
 TIMEOUT = 300
 
 
-def recipe_args(tmp_path: Path, shapes_dir: Path, fusion: str, *, max_steps: int, every: int, extra_callbacks=()) -> list[str]:
+def recipe_args(tmp_path: Path, shapes_dir: Path, fusion: str, *, max_steps: int, every: int, extra_callbacks=(),
+                base: str = "shapes.yaml") -> list[str]:
     """The shipped recipe + fusion + fsdp2.yaml, with test-sized steps, data and outputs."""
     out = tmp_path / "run"
     overrides = {
@@ -41,9 +42,11 @@ def recipe_args(tmp_path: Path, shapes_dir: Path, fusion: str, *, max_steps: int
                  "tokenizer": str(shapes_dir / "tokenizer.json"), "shapes": None,
                  "batch_size": 4, "val_batch_size": 4, "num_workers": 0, "shuffle_buffer": 20},
     }
+    if base == "own_data.yaml":  # its tokenizer is trained on the training captions, under 2 ranks
+        del overrides["data"]["tokenizer"]
     path = tmp_path / "overrides.yaml"
     path.write_text(yaml.safe_dump(overrides))
-    configs = [ROOT / "configs" / "shapes.yaml", ROOT / "configs" / "fusion" / f"{fusion}.yaml",
+    configs = [ROOT / "configs" / base, ROOT / "configs" / "fusion" / f"{fusion}.yaml",
                ROOT / "configs" / "strategy" / "fsdp2.yaml", path]
     return ["fit", *[a for c in configs for a in ("--config", str(c))]]
 
@@ -52,10 +55,10 @@ def run_cli(args: list[str], cwd: Path, *, expect: int = 0):
     return run_ranks(["-m", "vlm.cli", *args], cwd=cwd, timeout=TIMEOUT, expect=expect)
 
 
-@pytest.mark.parametrize("fusion", ["llava", "flamingo"])
-def test_shipped_recipe_trains_validates_and_checkpoints_on_two_ranks(tmp_path, shapes_dir, fusion):
+@pytest.mark.parametrize("base, fusion", [("shapes.yaml", "llava"), ("shapes.yaml", "flamingo"), ("own_data.yaml", "llava")])
+def test_shipped_recipe_trains_validates_and_checkpoints_on_two_ranks(tmp_path, shapes_dir, base, fusion):
     ragged = {"class_path": "training_helpers.RaggedStops", "init_args": {"out": str(tmp_path / "val")}}
-    run_cli(recipe_args(tmp_path, shapes_dir, fusion, max_steps=2, every=2, extra_callbacks=[ragged]), tmp_path)
+    run_cli(recipe_args(tmp_path, shapes_dir, fusion, max_steps=2, every=2, extra_callbacks=[ragged], base=base), tmp_path)
     assert sorted(read_losses(tmp_path / "run")) == [0, 1]
     ranks = [json.loads((tmp_path / "val" / f"val_rank{r}.json").read_text()) for r in (0, 1)]
     assert set(ranks[0]["lengths"]) == {2} and set(ranks[1]["lengths"]) == {6}  # stopped at different steps

@@ -7,7 +7,9 @@ training batches consumed in its state, so a resumed run skips exactly those bat
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from typing import Any
 import lightning as L
 
 from vlm.data.collate import Collator
+from vlm.errors import UserError
 from vlm.data.corpus import write_corpus
 from vlm.data.pipeline import PipelineConfig, SkipCounter, build_dataloader, expand_shards
 from vlm.data.shapes import VARIANTS, make_shapes_dataset
@@ -87,14 +90,39 @@ class VLMDataModule(L.LightningDataModule):
             log.info("generating the shapes dataset in %s", s.out)
             make_shapes_dataset(s.out, s.train, s.val, s.seed, image_size=s.image_size, variants=s.variants,
                                 overwrite=True, progress=True)
-        if not self.tokenizer_path.exists():
-            corpus = self.tokenizer_path.with_suffix(".corpus.txt")
-            shards = self._shards(self.train_patterns, "train_shards")
-            if self.shapes is not None:  # every variant's text, so that chat questions tokenize well too
-                shards = sorted(set(shards) | {str(p) for p in Path(self.shapes.out).glob("*/train-*.tar")})
-            lines = write_corpus(shards, corpus)
-            log.info("training a %d-token tokenizer on %d texts -> %s", self.tokenizer_vocab_size, lines, self.tokenizer_path)
-            Tokenizer.train([corpus], self.tokenizer_vocab_size).save(self.tokenizer_path)
+        sources = self.tokenizer_path.with_suffix(".sources.json")
+        if self.tokenizer_path.exists():
+            fitting = self.trainer is None or self.trainer.state.fn == "fit"
+            if fitting:
+                self._check_tokenizer_sources(sources)
+            return
+        shards = self._shards(self.train_patterns, "train_shards")
+        if self.shapes is not None:  # every variant's text, so that chat questions tokenize well too
+            shards = sorted(set(shards) | {str(p) for p in Path(self.shapes.out).glob("*/train-*.tar")})
+        corpus = self.tokenizer_path.with_suffix(".corpus.txt")
+        self.tokenizer_path.parent.mkdir(parents=True, exist_ok=True)
+        lines = write_corpus(shards, corpus)
+        if lines == 0:
+            raise UserError(f"data.train_shards {self.train_patterns!r}: no caption or text to train a tokenizer on")
+        log.info("training a %d-token tokenizer on %d texts -> %s", self.tokenizer_vocab_size, lines, self.tokenizer_path)
+        Tokenizer.train([corpus], self.tokenizer_vocab_size).save(self.tokenizer_path)
+        sources.write_text(json.dumps([self._relative(s) for s in shards], indent=1))
+
+    def _check_tokenizer_sources(self, sources: Path) -> None:
+        """A tokenizer vlm trained records its shards: reusing it for other data is an error, not a
+        silent mismatch (a tokenizer given by the user, with no record, is used as it is)."""
+        if not sources.is_file():
+            return
+        trained_on = set(json.loads(sources.read_text()))
+        ours = {self._relative(s) for s in self._shards(self.train_patterns, "train_shards")}
+        if not ours <= trained_on:
+            raise UserError(f"data.tokenizer {self.tokenizer_path} was trained on other shards ({sources.name} lists "
+                            f"{len(trained_on)}, not {sorted(ours - trained_on)[0]}): give this data its own "
+                            "--data.tokenizer path (trained when missing); for your own data use configs/own_data.yaml")
+
+    def _relative(self, shard: str) -> str:
+        """A shard's path as seen from the tokenizer's folder (stable when both move together)."""
+        return os.path.relpath(Path(shard).resolve(), self.tokenizer_path.resolve().parent)
 
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is None:
@@ -113,7 +141,7 @@ class VLMDataModule(L.LightningDataModule):
         shards = expand_shards(patterns or [])
         missing = [s for s in shards if not Path(s).is_file()]
         if not shards or missing:
-            raise FileNotFoundError(f"{what}: no shard at {missing[:3] if missing else patterns!r} (make shards with `vlm data ...`)")
+            raise UserError(f"data.{what}: no shard at {missing[:3] if missing else patterns!r} (make shards with `vlm data ...`)")
         return shards
 
     def _loader(self, patterns, what: str, *, train: bool):

@@ -221,6 +221,8 @@ def quiet_startup() -> None:
         logger.addFilter(_DropTips())
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # fit guards the checkpoint folder itself (refused, --overwrite or --ckpt_path last)
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
 def _is_launcher_process() -> bool:

@@ -8,14 +8,16 @@ from tiny_models import tiny_model_for
 
 from vlm.cli import main
 from vlm.data.shapes import make_shapes_dataset
+from vlm.eval.baselines import most_frequent_caption
 from vlm.eval.evaluate import caption_examples, evaluate
+from vlm.eval.metrics import caption_metrics
 from vlm.export import save_model
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("shapes")
-    make_shapes_dataset(out, train=0, val=12, seed=1, workers=0, variants=["caption", "chat"])
+    make_shapes_dataset(out, train=16, val=12, seed=1, workers=0, variants=["caption", "chat"])
     return out
 
 
@@ -45,9 +47,14 @@ def test_scores_and_counts(shards):
     assert skipped == {"not a caption sample (chat)": 12}
 
 
-def test_cli_writes_report_and_grid(shards, tmp_path, tokenizer, capsys):
-    model_dir = tmp_path / "model"
-    save_model(tiny_model_for(tokenizer), model_dir, tokenizer=tokenizer)
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("model") / "model"
+    save_model(tiny_model_for(tokenizer), path, tokenizer=tokenizer)
+    return path
+
+
+def test_cli_writes_report_and_grid(shards, model_dir, tmp_path, capsys):
     # the tiny model's images are 16 px; shapes are 64 px: the transform resizes them
     code = main(["evaluate", "--model", str(model_dir), "--data", str(shards / "caption" / "val-*.tar"),
                  "--limit", "5", "--max-new-tokens", "4", "--out", str(tmp_path / "eval")])
@@ -57,3 +64,53 @@ def test_cli_writes_report_and_grid(shards, tmp_path, tokenizer, capsys):
     assert (tmp_path / "eval" / "captions.png").stat().st_size > 1000
     assert "exact match" in capsys.readouterr().out
     assert main(["evaluate", "--model", str(model_dir), "--data", str(tmp_path / "none-*.tar")]) == 2
+
+
+def test_cli_baselines(shards, model_dir, tmp_path, capsys):
+    val, train = str(shards / "caption" / "val-*.tar"), str(shards / "caption" / "train-*.tar")
+    code = main(["evaluate", "--model", str(model_dir), "--data", val, "--max-new-tokens", "4", "--batch-size", "5",
+                 "--baselines", "--train", train, "--out", str(tmp_path / "eval")])
+    assert code == 0
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    baselines = report["baselines"]
+    assert baselines["train_images"] == 16 and report["images"] == 12
+    references = [s["references"] for s in report["samples"]]
+    train_examples = list(caption_examples(sorted((shards / "caption").glob("train-*.tar"))))
+    common = most_frequent_caption(r for e in train_examples for r in e.references)
+    assert baselines["most_frequent"]["caption"] == common
+    assert baselines["most_frequent"]["metrics"] == caption_metrics([common] * 12, references)
+    retrieved = [s["retrieved"]["caption"] for s in report["samples"]]
+    assert baselines["retrieval"]["metrics"] == caption_metrics(retrieved, references)
+    train_captions = {e.key: e.references[0] for e in train_examples}
+    assert all(train_captions[s["retrieved"]["key"]] == s["retrieved"]["caption"] for s in report["samples"])
+    for section in (report["metrics"], baselines["most_frequent"]["metrics"], baselines["retrieval"]["metrics"]):
+        assert {"exact_match", "bleu4", "cider_d"} <= set(section)
+    out = capsys.readouterr().out
+    table = out.splitlines()
+    header = next(i for i, line in enumerate(table) if "exact match" in line)
+    assert [line.split()[0] for line in table[header + 1 : header + 4]] == ["model", "most", "retrieval"]
+    m = baselines["retrieval"]["metrics"]
+    assert table[header + 3].split()[1:] == [f"{m['exact_match']:.3f}", f"{m['bleu4']:.3f}", f"{m['cider_d']:.3f}"]
+
+
+def test_cli_baselines_retrieve_the_image_itself(shards, model_dir, tmp_path):
+    """The evaluated shards as training set: every image finds itself, so retrieval is exact."""
+    val = str(shards / "caption" / "val-*.tar")
+    assert main(["evaluate", "--model", str(model_dir), "--data", val, "--max-new-tokens", "1",
+                 "--baselines", "--train", val, "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [s["retrieved"]["key"] for s in report["samples"]] == [s["key"] for s in report["samples"]]
+    assert report["baselines"]["retrieval"]["metrics"]["exact_match"] == 1.0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--baselines"], "--baselines needs --train"),
+    (["--train", "x-*.tar"], "only used with --baselines"),
+    (["--baselines", "--train", "nothing-*.tar"], "--train: no training shard at"),
+])
+def test_cli_baselines_bad_input_is_one_line(shards, model_dir, capsys, args, message):
+    val = str(shards / "caption" / "val-*.tar")
+    assert main(["evaluate", "--model", str(model_dir), "--data", val, *args]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and message in captured.err and captured.err.startswith("vlm evaluate: ")
+    assert captured.out == ""

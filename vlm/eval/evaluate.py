@@ -1,6 +1,11 @@
 """`vlm evaluate --model D --data SHARDS`: caption the images of caption shards, score the captions
 against their references (exact match, BLEU-4, CIDEr-D), and write a JSON report and a PNG grid.
 
+With `--baselines --train TRAIN_SHARDS` the same metrics are computed for two baselines, in the
+report's "baselines" section and in a table on the console: the most frequent training caption for
+every image, and the caption of the training image nearest to each image by the model's own vision
+tower (mean-pooled tokens, cosine similarity; see vlm.eval.baselines).
+
 Samples that cannot be used are skipped and counted by reason; the first error of each reason (e.g.
 an image over the pixel limit every vlm command applies, `DEFAULT_MAX_PIXELS`) is printed on stderr,
 naming the shard, sample and member."""
@@ -23,6 +28,8 @@ from vlm.caption import Captioner
 from vlm.data.decode import IMAGE_EXTENSIONS, SampleError, decode_sample, iter_shard_samples
 from vlm.data.formats import sample_kind
 from vlm.data.pipeline import expand_shards
+from vlm.errors import UserError
+from vlm.eval.baselines import embed_images, most_frequent_caption, nearest_neighbours
 from vlm.eval.grid import caption_grid
 from vlm.eval.metrics import caption_metrics, normalise_caption
 
@@ -75,8 +82,11 @@ def _example(raw: dict, skipped: Counter, errors: dict[str, str]) -> CaptionExam
 
 
 def evaluate(captioner: Captioner, shards: Sequence[str | Path], *, limit: int | None = None, batch_size: int = 32,
-             max_new_tokens: int = 32, progress: bool = True) -> dict:
-    """Caption every example and score; returns the report (metrics, counts, per-sample results)."""
+             max_new_tokens: int = 32, progress: bool = True, train_shards: Sequence[str | Path] | None = None,
+             train_limit: int | None = None) -> dict:
+    """Caption every example and score; returns the report (metrics, counts, per-sample results).
+
+    With `train_shards`, the report also has a "baselines" section (see `score_baselines`)."""
     skipped: Counter = Counter()
     errors: dict[str, str] = {}
     examples = list(caption_examples(shards, limit=limit, skipped=skipped, errors=errors))
@@ -96,9 +106,68 @@ def evaluate(captioner: Captioner, shards: Sequence[str | Path], *, limit: int |
     samples = [{"key": e.key, "prediction": p, "references": e.references,
                 "exact": normalise_caption(p) in {normalise_caption(r) for r in e.references}}
                for e, p in zip(examples, predictions)]
-    return {"metrics": metrics, "images": len(examples), "skipped": dict(skipped), "first_errors": errors,
+    report = {"metrics": metrics}
+    if train_shards is not None:
+        report["baselines"], retrieved = score_baselines(captioner, examples, train_shards, limit=train_limit,
+                                                         batch_size=batch_size, progress=progress)
+        for sample, nearest in zip(samples, retrieved):
+            sample["retrieved"] = nearest
+    settings = {"limit": limit, "batch_size": batch_size, "max_new_tokens": max_new_tokens}
+    if train_shards is not None:
+        settings["train_limit"] = train_limit
+    return {**report, "images": len(examples), "skipped": dict(skipped), "first_errors": errors,
             "seconds": round(seconds, 2), "images_per_second": round(len(examples) / seconds, 2),
-            "samples": samples, "_examples": examples}
+            "settings": settings, "samples": samples, "_examples": examples}
+
+
+def score_baselines(captioner: Captioner, examples: Sequence[CaptionExample], train_shards: Sequence[str | Path], *,
+                    limit: int | None = None, batch_size: int = 32, progress: bool = True) -> tuple[dict, list[dict]]:
+    """Metrics of the most frequent training caption and of nearest-neighbour caption retrieval by the
+    model's vision tower, on `examples`; training samples are read from `train_shards` (at most
+    `limit`) by the reader used for validation, streamed, so only their embeddings are kept.
+
+    Returns the report's "baselines" section and, per example, the training image retrieved for it
+    ({"key", "caption", "similarity"})."""
+    skipped: Counter = Counter()
+    errors: dict[str, str] = {}
+    train_keys: list[str] = []
+    train_captions: list[str] = []  # the first reference of each training image: what retrieval returns
+    all_captions: list[str] = []  # every reference: what the most frequent caption is counted over
+
+    def train_images() -> Iterator[Image.Image]:
+        for example in caption_examples(train_shards, limit=limit, skipped=skipped, errors=errors):
+            train_keys.append(example.key)
+            train_captions.append(example.references[0])
+            all_captions.extend(example.references)
+            yield example.image
+
+    start = time.perf_counter()
+    train_features = embed_images(captioner.model, train_images(), batch_size=batch_size, total=limit,
+                                  progress=progress, desc="embedding train images")
+    if not train_keys:
+        first = "".join(f"; first {reason}: {message}" for reason, message in errors.items())
+        raise UserError(f"no caption samples in the training shards {[str(s) for s in train_shards][:3]} "
+                        f"(skipped: {dict(skipped)}{first})")
+    features = embed_images(captioner.model, [e.image for e in examples], batch_size=batch_size,
+                            progress=progress, desc="embedding eval images")
+    device = next(captioner.model.parameters()).device  # the search runs where the model does
+    similarity, nearest = nearest_neighbours(features, train_features, k=1, device=device)
+    references = [e.references for e in examples]
+    common = most_frequent_caption(all_captions)
+    retrieved = [train_captions[i] for i in nearest[:, 0].tolist()]
+    section = {
+        "train_images": len(train_keys), "train_shards": [str(s) for s in train_shards],
+        "train_skipped": dict(skipped), "train_first_errors": errors,
+        "seconds": round(time.perf_counter() - start, 2),
+        "most_frequent": {"caption": common, "metrics": caption_metrics([common] * len(examples), references)},
+        "retrieval": {
+            "features": "vision tower output tokens, mean-pooled, L2-normalised; cosine similarity, exact search",
+            "metrics": caption_metrics(retrieved, references),
+        },
+    }
+    per_example = [{"key": train_keys[i], "caption": train_captions[i], "similarity": round(s, 6)}
+                   for i, s in zip(nearest[:, 0].tolist(), similarity[:, 0].tolist())]
+    return section, per_example
 
 
 def write_report(report: dict, out: str | Path, *, grid_images: int = 16) -> tuple[Path, Path]:
@@ -113,30 +182,80 @@ def write_report(report: dict, out: str | Path, *, grid_images: int = 16) -> tup
     return json_path, png_path
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vlm evaluate", description=__doc__)
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlm evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a directory written by `vlm export`")
     parser.add_argument("--data", required=True, nargs="+", help="caption shards (paths or globs)")
     parser.add_argument("--out", default=None, help="report folder (default: MODEL/eval)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate at most this many images")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    args = parser.parse_args(argv)
+    parser.add_argument("--baselines", action="store_true",
+                        help="also score the most frequent training caption and nearest-neighbour retrieval of "
+                             "training captions by the model's vision tower (needs --train)")
+    parser.add_argument("--train", nargs="+", default=None, metavar="TRAIN_SHARDS",
+                        help="training caption shards (paths or globs) the baselines draw their captions from")
+    parser.add_argument("--train-limit", type=int, default=None,
+                        help="read at most this many training images for the baselines (default: all)")
+    return parser
+
+
+def _train_shards(args: argparse.Namespace) -> list[str] | None:
+    """The training shards for the baselines, None without --baselines; UserError for bad combinations."""
+    if args.baselines and not args.train:
+        raise UserError("--baselines needs --train TRAIN_SHARDS: the training caption shards the baselines use")
+    if not args.baselines:
+        if args.train or args.train_limit is not None:
+            raise UserError("--train and --train-limit are only used with --baselines; add --baselines")
+        return None
+    if args.train_limit is not None and args.train_limit < 1:
+        raise UserError(f"--train-limit must be >= 1, got {args.train_limit}")
+    shards = expand_shards(args.train)
+    missing = [s for s in shards if not Path(s).is_file()]
+    if not shards or missing:
+        raise UserError(f"--train: no training shard at {missing[:3] or args.train}")
+    return shards
+
+
+def _print_summary(report: dict) -> None:
+    m = report["metrics"]
+    if "baselines" not in report:
+        print(f"{report['images']} images: exact match {m['exact_match']:.3f}, BLEU-4 {m['bleu4']:.3f}, "
+              f"CIDEr-D {m['cider_d']:.3f}")
+        return
+    baselines = report["baselines"]
+    print(f"{report['images']} images, baselines from {baselines['train_images']} training images:")
+    rows = [("model", m), ("most frequent", baselines["most_frequent"]["metrics"]),
+            ("retrieval", baselines["retrieval"]["metrics"])]
+    print(f"  {'':<14}{'exact match':>12}{'BLEU-4':>9}{'CIDEr-D':>9}")
+    for name, metrics in rows:
+        print(f"  {name:<14}{metrics['exact_match']:>12.3f}{metrics['bleu4']:>9.3f}{metrics['cider_d']:>9.3f}")
+    print(f"  most frequent training caption: {baselines['most_frequent']['caption']!r}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
     try:
+        train_shards = _train_shards(args)
         shards = expand_shards(args.data)
         missing = [s for s in shards if not Path(s).is_file()]
         if not shards or missing:
             raise FileNotFoundError(f"no shard at {missing[:3] or args.data}")
         report = evaluate(Captioner.from_directory(args.model), shards, limit=args.limit, batch_size=args.batch_size,
-                          max_new_tokens=args.max_new_tokens)
-    except (FileNotFoundError, ValueError) as err:
+                          max_new_tokens=args.max_new_tokens, train_shards=train_shards, train_limit=args.train_limit)
+    except (FileNotFoundError, ValueError, UserError) as err:
         print(f"vlm evaluate: {err}", file=sys.stderr)
         return 2
-    for reason, message in report["first_errors"].items():
-        count = report["skipped"][reason]
-        print(f"vlm evaluate: skipped {count} sample(s), the first: {message}", file=sys.stderr)
+    _print_skips("", report["skipped"], report["first_errors"])
+    if "baselines" in report:
+        _print_skips("training shards: ", report["baselines"]["train_skipped"], report["baselines"]["train_first_errors"])
     json_path, png_path = write_report(report, args.out or Path(args.model) / "eval")
-    m = report["metrics"]
-    print(f"{report['images']} images: exact match {m['exact_match']:.3f}, BLEU-4 {m['bleu4']:.3f}, CIDEr-D {m['cider_d']:.3f}")
+    _print_summary(report)
     print(f"report: {json_path}\ngrid:   {png_path}")
     return 0
+
+
+def _print_skips(prefix: str, skipped: dict[str, int], errors: dict[str, str]) -> None:
+    for reason, message in errors.items():
+        print(f"vlm evaluate: {prefix}skipped {skipped[reason]} sample(s), the first: {message}", file=sys.stderr)

@@ -1,6 +1,7 @@
-"""`vlm data ...`: make shards from synthetic shapes, COCO captions, LLaVA JSON or image folders.
+"""`vlm data ...`: make shards from synthetic shapes, emoji, COCO captions, LLaVA JSON or image folders.
 
     vlm data shapes --out data/shapes --train 10000 --val 500 --seed 0
+    vlm data emoji --out data/emoji --size 64 --seed 0  # apt-get install fonts-noto-color-emoji unicode-data
     vlm data from-coco --captions captions_train2017.json --images train2017 --out data/coco
     vlm data from-llava --json llava_v1_5_mix665k.json --images data/llava --out data/llava-shards
     vlm data from-folder my_images --out data/mine
@@ -19,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from vlm.data import convert, shapes
+from vlm.data import convert, emoji, shapes
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -87,6 +88,23 @@ def build_parser() -> argparse.ArgumentParser:
                    default=list(shapes.VARIANTS))
     p.add_argument("--workers", type=int, default=None, help="processes (default: all CPUs)")
 
+    p = commands.add_parser("emoji", parents=[_shard_options(10_000)],
+                            help="Noto Color Emoji drawn on backgrounds, captioned with CLDR names")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--size", type=int, default=64,
+                   help=f"image side in pixels, {emoji.MIN_SIZE} to {emoji.MAX_SIZE} (default 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--per-emoji", type=_positive_int, default=4,
+                   help="images per emoji: one canonical, the rest random (default 4)")
+    p.add_argument("--val-fraction", type=_fraction, default=0.1, metavar="F",
+                   help="about F of the base emoji (skin tones and genders grouped) go to val-*.tar "
+                        "(default 0.1)")
+    p.add_argument("--limit", type=_positive_int, default=None, help="only the first N emoji")
+    p.add_argument("--font", type=Path, default=emoji.DEFAULT_FONT,
+                   help="colour bitmap emoji font (default: fonts-noto-color-emoji's, %(default)s)")
+    p.add_argument("--names", type=Path, default=emoji.DEFAULT_NAMES,
+                   help="Unicode emoji-test.txt with the CLDR names (default: unicode-data's, %(default)s)")
+
     p = commands.add_parser("from-coco", parents=[converter], help="COCO captions JSON")
     p.add_argument("--captions", type=Path, required=True, help="e.g. captions_train2017.json")
     p.add_argument("--images", type=Path, required=True, help="folder of the COCO images")
@@ -126,6 +144,23 @@ def _run_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_emoji(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    manifest, summary = emoji.make_emoji_dataset(
+        args.out, size=args.size, seed=args.seed, per_emoji=args.per_emoji,
+        val_fraction=args.val_fraction, font=args.font, names=args.names, limit=args.limit,
+        shard_size=args.shard_size, shard_bytes=args.shard_bytes, overwrite=args.overwrite,
+        progress=not args.no_progress)
+    seconds = time.perf_counter() - start
+    samples = sum(manifest["samples"].values())
+    print(f"emoji:\n{summary.describe()}")
+    print(f"{manifest['emoji_rendered']} of {manifest['emoji_listed']} emoji rendered "
+          f"({', '.join(f'{s} {n}' for s, n in manifest['bases'].items())} base names), "
+          f"{manifest['per_emoji']} images each: {samples} samples in {seconds:.1f} s "
+          f"({samples / max(seconds, 1e-9):.0f} images/s); manifest: {args.out / 'manifest.json'}")
+    return 0
+
+
 def _run_converter(args: argparse.Namespace) -> int:
     options = {"split": args.split, "val_fraction": args.val_fraction,
                "max_count": args.shard_size, "max_bytes": args.shard_bytes,
@@ -145,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `vlm data`; `argv` excludes "data". Returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
-        return _run_shapes(args) if args.command == "shapes" else _run_converter(args)
+        if args.command in ("shapes", "emoji"):
+            return _run_shapes(args) if args.command == "shapes" else _run_emoji(args)
+        return _run_converter(args)
     except convert.NoSamplesError as err:
         if err.summary.skipped:  # the example keys of each skip reason, for the user to look at
             print(f"{args.command}:\n{err.summary.describe()}")

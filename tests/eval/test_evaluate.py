@@ -6,6 +6,7 @@ from collections import Counter
 import pytest
 from tiny_models import tiny_model_for
 
+from vlm.caption import Captioner
 from vlm.cli import main
 from vlm.data.shapes import make_shapes_dataset
 from vlm.eval.baselines import most_frequent_caption
@@ -28,6 +29,7 @@ class HalfRight:
         self.refs, self.calls = refs, 0
 
     def caption(self, images, **kwargs):
+        self.kwargs = kwargs
         out = []
         for _ in images:
             out.append(self.refs[self.calls].upper() if self.calls % 2 == 0 else "a purple cloud.")
@@ -107,6 +109,7 @@ def test_cli_baselines_retrieve_the_image_itself(shards, model_dir, tmp_path):
     (["--baselines"], "--baselines needs --train"),
     (["--train", "x-*.tar"], "only used with --baselines"),
     (["--baselines", "--train", "nothing-*.tar"], "--train: no training shard at"),
+    (["--num-beams", "0"], "--num-beams must be >= 1"),
 ])
 def test_cli_baselines_bad_input_is_one_line(shards, model_dir, capsys, args, message):
     val = str(shards / "caption" / "val-*.tar")
@@ -114,3 +117,23 @@ def test_cli_baselines_bad_input_is_one_line(shards, model_dir, capsys, args, me
     captured = capsys.readouterr()
     assert captured.err.count("\n") == 1 and message in captured.err and captured.err.startswith("vlm evaluate: ")
     assert captured.out == ""
+
+
+def test_beam_search_options_are_passed_through_and_recorded(shards, model_dir, tmp_path):
+    search = {"num_beams": 3, "length_penalty": 0.5, "no_repeat_ngram_size": 2, "repetition_penalty": 1.2}
+    stub = HalfRight(["x"] * 12)
+    report = evaluate(stub, sorted((shards / "caption").glob("val-*.tar")), batch_size=5, max_new_tokens=7,
+                      search=search, progress=False)
+    assert stub.kwargs == {"max_new_tokens": 7, "batch_size": 5, **search}
+    assert report["settings"] == {"limit": None, "batch_size": 5, "max_new_tokens": 7, **search}
+
+    val = str(shards / "caption" / "val-*.tar")
+    assert main(["evaluate", "--model", str(model_dir), "--data", val, "--limit", "3", "--max-new-tokens", "4",
+                 "--num-beams", "2", "--length-penalty", "0.5", "--no-repeat-ngram-size", "2",
+                 "--repetition-penalty", "1.2", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    beams = {"num_beams": 2, "length_penalty": 0.5, "no_repeat_ngram_size": 2, "repetition_penalty": 1.2}
+    assert report["settings"] == {"limit": 3, "batch_size": 32, "max_new_tokens": 4, **beams}
+    images = [e.image for e in caption_examples(sorted((shards / "caption").glob("val-*.tar")), limit=3)]
+    expected = Captioner.from_directory(model_dir).caption(images, max_new_tokens=4, batch_size=32, **beams)
+    assert [s["prediction"] for s in report["samples"]] == expected

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 from tqdm import tqdm
@@ -82,11 +84,14 @@ def _example(raw: dict, skipped: Counter, errors: dict[str, str]) -> CaptionExam
 
 
 def evaluate(captioner: Captioner, shards: Sequence[str | Path], *, limit: int | None = None, batch_size: int = 32,
-             max_new_tokens: int = 32, progress: bool = True, train_shards: Sequence[str | Path] | None = None,
-             train_limit: int | None = None) -> dict:
+             max_new_tokens: int = 32, progress: bool = True, search: Mapping[str, Any] | None = None,
+             train_shards: Sequence[str | Path] | None = None, train_limit: int | None = None) -> dict:
     """Caption every example and score; returns the report (metrics, counts, per-sample results).
 
-    With `train_shards`, the report also has a "baselines" section (see `score_baselines`)."""
+    `search`: keyword arguments of `Captioner.caption` for the decoding (num_beams, length_penalty,
+    no_repeat_ngram_size, repetition_penalty), recorded in the report's settings. With
+    `train_shards`, the report also has a "baselines" section (see `score_baselines`)."""
+    search = dict(search or {})
     skipped: Counter = Counter()
     errors: dict[str, str] = {}
     examples = list(caption_examples(shards, limit=limit, skipped=skipped, errors=errors))
@@ -98,7 +103,8 @@ def evaluate(captioner: Captioner, shards: Sequence[str | Path], *, limit: int |
     bar = tqdm(total=len(examples), unit="image", desc="captioning", disable=not progress)
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
-        predictions += captioner.caption([e.image for e in chunk], max_new_tokens=max_new_tokens, batch_size=batch_size)
+        predictions += captioner.caption([e.image for e in chunk], max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                         **search)
         bar.update(len(chunk))
     bar.close()
     seconds = time.perf_counter() - start
@@ -107,14 +113,13 @@ def evaluate(captioner: Captioner, shards: Sequence[str | Path], *, limit: int |
                 "exact": normalise_caption(p) in {normalise_caption(r) for r in e.references}}
                for e, p in zip(examples, predictions)]
     report = {"metrics": metrics}
+    settings = {"limit": limit, "batch_size": batch_size, "max_new_tokens": max_new_tokens, **search}
     if train_shards is not None:
+        settings["train_limit"] = train_limit
         report["baselines"], retrieved = score_baselines(captioner, examples, train_shards, limit=train_limit,
                                                          batch_size=batch_size, progress=progress)
         for sample, nearest in zip(samples, retrieved):
             sample["retrieved"] = nearest
-    settings = {"limit": limit, "batch_size": batch_size, "max_new_tokens": max_new_tokens}
-    if train_shards is not None:
-        settings["train_limit"] = train_limit
     return {**report, "images": len(examples), "skipped": dict(skipped), "first_errors": errors,
             "seconds": round(seconds, 2), "images_per_second": round(len(examples) / seconds, 2),
             "settings": settings, "samples": samples, "_examples": examples}
@@ -191,14 +196,32 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, default=None, help="evaluate at most this many images")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--num-beams", type=int, default=1, metavar="N",
+                        help="beam search over N beams (default 1: greedy); each image takes N rows of a batch")
+    parser.add_argument("--length-penalty", type=float, default=1.0, metavar="F",
+                        help="beam score = sum of log-probs / length ** F (default 1.0; > 0 favours longer captions)")
+    parser.add_argument("--no-repeat-ngram-size", type=int, default=0, metavar="N",
+                        help="never repeat an n-gram of N tokens within a caption (default 0: off)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, metavar="F",
+                        help="> 1 makes tokens already in the caption less likely (default 1.0: off)")
     parser.add_argument("--baselines", action="store_true",
                         help="also score the most frequent training caption and nearest-neighbour retrieval of "
                              "training captions by the model's vision tower (needs --train)")
     parser.add_argument("--train", nargs="+", default=None, metavar="TRAIN_SHARDS",
                         help="training caption shards (paths or globs) the baselines draw their captions from")
-    parser.add_argument("--train-limit", type=int, default=None,
+    parser.add_argument("--train-limit", type=int, default=None, metavar="N",
                         help="read at most this many training images for the baselines (default: all)")
     return parser
+
+
+def _search(args: argparse.Namespace) -> dict[str, Any]:
+    """The decoding options given to `Captioner.caption`; UserError for values it would refuse."""
+    if (args.num_beams < 1 or args.no_repeat_ngram_size < 0 or not args.repetition_penalty > 0
+            or not math.isfinite(args.length_penalty)):
+        raise UserError("--num-beams must be >= 1, --no-repeat-ngram-size >= 0, --repetition-penalty > 0 "
+                        "and --length-penalty a finite number")
+    return {"num_beams": args.num_beams, "length_penalty": args.length_penalty,
+            "no_repeat_ngram_size": args.no_repeat_ngram_size, "repetition_penalty": args.repetition_penalty}
 
 
 def _train_shards(args: argparse.Namespace) -> list[str] | None:
@@ -237,13 +260,14 @@ def _print_summary(report: dict) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
-        train_shards = _train_shards(args)
+        search, train_shards = _search(args), _train_shards(args)
         shards = expand_shards(args.data)
         missing = [s for s in shards if not Path(s).is_file()]
         if not shards or missing:
             raise FileNotFoundError(f"no shard at {missing[:3] or args.data}")
         report = evaluate(Captioner.from_directory(args.model), shards, limit=args.limit, batch_size=args.batch_size,
-                          max_new_tokens=args.max_new_tokens, train_shards=train_shards, train_limit=args.train_limit)
+                          max_new_tokens=args.max_new_tokens, search=search, train_shards=train_shards,
+                          train_limit=args.train_limit)
     except (FileNotFoundError, ValueError, UserError) as err:
         print(f"vlm evaluate: {err}", file=sys.stderr)
         return 2

@@ -157,3 +157,31 @@ def test_resolution_warning_bounds_and_wording():
     assert "blurred" in resolution_warning("a.png", (64, 31), transform)
     assert "larger on one side and smaller on the other" in resolution_warning("a.png", (200, 20), transform)
     assert resolution_warning("a.png", (1000, 1000), object()) is None  # a transform that does not say its size
+
+
+def test_beam_search_captions_batched_equal_one_by_one(model_dir, pngs):
+    captioner = Captioner.from_directory(model_dir)
+    images = [read_image(p) for p in pngs]
+    kw = dict(max_new_tokens=8, num_beams=3, length_penalty=0.5, no_repeat_ngram_size=2, repetition_penalty=1.3)
+    batched = captioner.caption(images, batch_size=3, **kw)
+    assert batched == [captioner.caption([image], batch_size=1, **kw)[0] for image in images]
+    assert captioner.caption(images[:2], num_beams=1, max_new_tokens=8) == captioner.caption(images[:2], max_new_tokens=8)
+
+
+def test_cli_search_flags_reach_the_captioner(model_dir, pngs, capsys, monkeypatch):
+    captioner = Captioner.from_directory(model_dir)
+    images = [read_image(p) for p in pngs[:2]]
+    seen = []
+    real = Captioner.caption
+    monkeypatch.setattr(Captioner, "caption", lambda self, images, **kw: seen.append(kw) or real(self, images, **kw))
+    code, lines, err = _run(capsys, "--model", model_dir, *pngs[:2], "--max-new-tokens", 6, "--num-beams", 3,
+                            "--length-penalty", 0.5, "--no-repeat-ngram-size", 2, "--repetition-penalty", 1.3)
+    assert code == 0 and err == ""
+    search = dict(num_beams=3, length_penalty=0.5, no_repeat_ngram_size=2, repetition_penalty=1.3)
+    assert {key: seen[0][key] for key in search} == search
+    expected = real(captioner, images, max_new_tokens=6, **search)
+    assert lines == [f"{path}\t{' '.join(text.split())}" for path, text in zip(pngs, expected)]
+    for bad in (["--num-beams", 0], ["--no-repeat-ngram-size", -1], ["--repetition-penalty", 0],
+                ["--length-penalty", "nan"], ["--num-beams", 2, "--temperature", 1.0]):
+        code, lines, err = _run(capsys, "--model", model_dir, pngs[0], *bad)
+        assert code == 2 and not lines and err.startswith("vlm caption: error:") and len(err.splitlines()) == 1, bad

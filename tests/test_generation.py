@@ -105,3 +105,24 @@ def test_synced_decoding_keeps_stepping_until_every_rank_is_done():
     assert out == [[3]] and len(steps) == 4
     steps.clear()
     assert decode(step, first, config, all_finished=lambda local: False) == [[3]] and len(steps) == 9  # capped
+
+
+@pytest.mark.parametrize("length_penalty", [1.0, 0.0, -0.5])
+def test_beam_search_equals_transformers(pair, length_penalty):
+    """Same hypotheses, same scores (the stop token counts in the length), same best as transformers'
+    beam search with early_stopping="never"; theirs runs on until all its kept hypotheses are final."""
+    hf, ours = pair
+    free = generate(ours, PROMPTS, max_new_tokens=10, num_beams=4)
+    stops = sorted({row[2] for row in free} - {0})  # tokens the beams meet: some hypotheses finish early
+    lengths = []
+    for prompt in PROMPTS:
+        for stop in [None, *stops]:
+            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=10, num_beams=4, do_sample=False,
+                              length_penalty=length_penalty, early_stopping="never", pad_token_id=0,
+                              eos_token_id=stop)[0, len(prompt):].tolist()
+            ref = ref[: ref.index(stop)] if stop in ref else ref
+            got = generate(ours, [prompt], max_new_tokens=10, num_beams=4, stop_tokens=[] if stop is None else [stop],
+                           length_penalty=length_penalty)[0]
+            assert got == ref, (prompt, stop)
+            lengths.append(len(got))
+    assert min(lengths) < 10 == max(lengths)

@@ -154,3 +154,22 @@ def test_blank_image_for_text_only_batches_changes_nothing_but_touches_every_par
     out.loss.backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, missing
+
+
+def test_take_rows_reorders_every_per_row_tensor_of_a_fusion_state():
+    """Beam search moves each beam's fusion state to its rows: tensors whose first dimension is the
+    batch, inside dataclasses, dicts and tuples (Flamingo's latents, media index, cross keys/values)."""
+    from vlm.fusion.flamingo import FlamingoState
+    from vlm.model import take_rows
+
+    rows = torch.tensor([1, 1, 0])
+    media, index, seen = torch.randn(3, 2, 4, 8), torch.arange(12).view(3, 4), torch.tensor([2, 1, 0])
+    kv = {0: (torch.randn(3, 2, 8, 16), torch.randn(3, 2, 8, 16))}
+    state = FlamingoState(media, index, seen, kv)
+    moved = take_rows(state, rows)
+    assert isinstance(moved, FlamingoState) and isinstance(moved.kv[0], tuple)
+    for got, original in [(moved.media, media), (moved.media_index, index), (moved.seen, seen),
+                          (moved.kv[0][0], kv[0][0]), (moved.kv[0][1], kv[0][1])]:
+        assert torch.equal(got, original[rows])
+    other = torch.randn(5, 3)  # not per row: left alone, as are None and plain values
+    assert take_rows([other, None, 7], rows)[0] is other and take_rows(None, rows) is None

@@ -1,6 +1,7 @@
 """Caption images (or answer a question about them) with an exported model directory.
 
     vlm caption --model D IMAGE [IMAGE ...] [--prompt TEXT] [--batch-size N] [--max-new-tokens N]
+                [--num-beams N] [--length-penalty F] [--no-repeat-ngram-size N] [--repetition-penalty F]
 
 The prompt is the layout the model was trained on: one user turn holding the image, then the
 optional question, then the assistant header; the answer ends at `<|eot_id|>`. No Lightning here.
@@ -74,8 +75,14 @@ class Captioner:
         top_k: int | None = None,
         top_p: float | None = None,
         generator: torch.Generator | None = None,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
+        no_repeat_ngram_size: int = 0,
+        repetition_penalty: float = 1.0,
     ) -> list[str]:
-        """One text per image, in order; greedy unless `temperature` > 0. Surrounding whitespace is stripped."""
+        """One text per image, in order; greedy unless `temperature` > 0, beam search when
+        `num_beams` > 1 (each image then takes `num_beams` rows of a batch). Surrounding whitespace
+        is stripped. The search options are those of `VisionLanguageModel.generate`."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         ids = self.prompt_ids(prompt)
@@ -86,7 +93,9 @@ class Captioner:
             new_tokens = self.model.generate(
                 pixels, [ids] * len(chunk), max_new_tokens=max_new_tokens, temperature=temperature,
                 top_k=top_k, top_p=top_p, stop_tokens=self.stop_tokens, pad_id=self.tokenizer.pad_id,
-                generator=generator, vocab_size=self.tokenizer.vocab_size)
+                generator=generator, vocab_size=self.tokenizer.vocab_size, num_beams=num_beams,
+                length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                repetition_penalty=repetition_penalty)
             texts += [self.tokenizer.decode(tokens).strip() for tokens in new_tokens]
         return texts
 
@@ -149,6 +158,14 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=32, help="longest answer in tokens (default 32)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default); > 0 samples")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed when --temperature > 0 (default 0)")
+    parser.add_argument("--num-beams", type=int, default=1,
+                        help="beam search over N beams (default 1: greedy); each image takes N rows of a batch")
+    parser.add_argument("--length-penalty", type=float, default=1.0,
+                        help="beam score = sum of log-probs / length ** F (default 1.0; > 0 favours longer captions)")
+    parser.add_argument("--no-repeat-ngram-size", type=int, default=0,
+                        help="never repeat an n-gram of N tokens within a caption (default 0: off)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help="> 1 makes tokens already in the caption less likely (default 1.0: off)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     return parser
 
@@ -185,6 +202,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("vlm caption: error: --batch-size must be >= 1, --max-new-tokens and --temperature >= 0",
               file=sys.stderr)
         return 2
+    if (args.num_beams < 1 or args.no_repeat_ngram_size < 0 or not args.repetition_penalty > 0
+            or not math.isfinite(args.length_penalty)):
+        print("vlm caption: error: --num-beams must be >= 1, --no-repeat-ngram-size >= 0, --repetition-penalty > 0 "
+              "and --length-penalty a finite number", file=sys.stderr)
+        return 2
+    if args.num_beams > 1 and args.temperature > 0:
+        print("vlm caption: error: beam search is deterministic: --num-beams > 1 needs --temperature 0", file=sys.stderr)
+        return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         captioner = Captioner.from_directory(args.model, device=device)
@@ -198,7 +223,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # decoded per batch: memory stays bounded
         paths, images = _read_batch(args.images[start:start + args.batch_size], captioner.transform, failed, far)
         texts = captioner.caption(images, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
-                                  batch_size=args.batch_size, temperature=args.temperature, generator=generator)
+                                  batch_size=args.batch_size, temperature=args.temperature, generator=generator,
+                                  num_beams=args.num_beams, length_penalty=args.length_penalty,
+                                  no_repeat_ngram_size=args.no_repeat_ngram_size,
+                                  repetition_penalty=args.repetition_penalty)
         for path, text in zip(paths, texts):
             print(f"{path}\t{' '.join(text.split())}", flush=True)
     if len(far) > 1:

@@ -20,7 +20,7 @@ from torch import nn
 
 from vlm.checkpoints import load_llama
 from vlm.fusion import Fusion, FusionConfig, build_fusion
-from vlm.generation import SamplingConfig, decode, left_pad, ranks_finished
+from vlm.generation import SamplingConfig, beam_rows, decode, left_pad, ranks_finished
 from vlm.text.llama import Cache, Llama, LlamaConfig
 from vlm.text.loss import fused_linear_cross_entropy, shift_labels
 from vlm.vision import VisionConfig, VisionEncoder, build_vision_encoder
@@ -137,10 +137,19 @@ class VisionLanguageModel(nn.Module):
         use_cache: bool = True,
         vocab_size: int | None = None,
         sync_ranks: bool | None = None,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
+        no_repeat_ngram_size: int = 0,
+        repetition_penalty: float = 1.0,
     ) -> list[list[int]]:
         """Continue each prompt. `prompts[i]` holds one `<|image|>` token per image in `images[i]`
         (transformed tensors [3, H, W]); the model expands them as its fusion needs.
         `vocab_size` limits sampling to the tokenizer's ids when the embedding table is larger.
+
+        `num_beams` > 1 runs beam search (`vlm.generation.beam_search`): every prompt, with its
+        images, is repeated once per beam before the prompt forward, and after each step the text
+        cache and the fusion state follow each beam's parent (`take_rows`). The penalties are
+        those of `SamplingConfig` and look at the generated tokens only.
 
         `sync_ranks`: every rank of the process group decodes the same number of steps (one
         all-reduce per step decides when all are done), as a sharded model needs: each step
@@ -148,8 +157,9 @@ class VisionLanguageModel(nn.Module):
         when the model is sharded (FSDP1/FSDP2/tensor parallel) and more than one rank runs; every
         rank must then call generate the same number of times.
         Returns the new tokens of each prompt, stop token excluded."""
-        config = SamplingConfig(max_new_tokens, temperature, top_k, top_p, tuple(stop_tokens))
-        batch = self._prompt_batch(images, prompts, pad_id)
+        config = SamplingConfig(max_new_tokens, temperature, top_k, top_p, tuple(stop_tokens), num_beams,
+                                length_penalty, no_repeat_ngram_size, repetition_penalty)
+        batch = self._prompt_batch(images, prompts, pad_id, num_beams=num_beams)
         if sync_ranks is None:
             sync_ranks = is_sharded(self) and torch.distributed.get_world_size() > 1
         all_finished = (lambda done: ranks_finished(done, device=batch.input_ids.device)) if sync_ranks else None
@@ -167,7 +177,11 @@ class VisionLanguageModel(nn.Module):
                 batch.attention_mask = torch.cat([batch.attention_mask, torch.ones_like(token)], 1)
                 return next_logits(self.hidden(batch)[0])
 
-            return decode(step, next_logits(self.hidden(batch)[0]), config, generator=generator, all_finished=all_finished)
+            def reorder(rows: torch.Tensor) -> None:  # a beam's parent is a row of its prompt: same images
+                batch.input_ids, batch.attention_mask = batch.input_ids[rows], batch.attention_mask[rows]
+
+            return decode(step, next_logits(self.hidden(batch)[0]), config, generator=generator,
+                          all_finished=all_finished, reorder=reorder)
         cache = self.text.new_cache(batch.input_ids.shape[0], batch.input_ids.shape[1] + max_new_tokens)
         h, state = self.hidden(batch, cache=cache)
         holder = {"state": state}
@@ -176,9 +190,14 @@ class VisionLanguageModel(nn.Module):
             h, holder["state"] = self.hidden(ModelInput(token), cache=cache, state=holder["state"])
             return next_logits(h)
 
-        return decode(step, next_logits(h), config, generator=generator, all_finished=all_finished)
+        def reorder(rows: torch.Tensor) -> None:
+            cache.reorder(rows)
+            holder["state"] = take_rows(holder["state"], rows)
 
-    def _prompt_batch(self, images, prompts: Sequence[Sequence[int]], pad_id: int) -> ModelInput:
+        return decode(step, next_logits(h), config, generator=generator, all_finished=all_finished, reorder=reorder)
+
+    def _prompt_batch(self, images, prompts: Sequence[Sequence[int]], pad_id: int, *, num_beams: int = 1) -> ModelInput:
+        """The left-padded prompt batch, each prompt and its images repeated `num_beams` times."""
         device = self.text.tok_embeddings.weight.device
         images = images or [[] for _ in prompts]
         if len(images) != len(prompts):
@@ -190,6 +209,7 @@ class VisionLanguageModel(nn.Module):
             if marks != len(row_images):
                 raise ValueError(f"prompt {row}: {marks} <|image|> tokens but {len(row_images)} image(s)")
             expanded.append([t for token in prompt for t in ([token] * (per_image if token == image_id else 1))])
+        expanded, images = beam_rows(expanded, num_beams), beam_rows(images, num_beams)
         ids, mask = left_pad(expanded, pad_id, device=device)
         flat = [image for row_images in images for image in row_images]
         pixels = torch.stack(list(flat)).to(device) if flat else None
@@ -215,6 +235,23 @@ class VisionLanguageModel(nn.Module):
                 new = old.mean(0, keepdim=True).expand(ours.vocab_size - theirs.vocab_size, -1)
                 state[key] = torch.cat([old, new], 0)
         self.text.load_state_dict(state, strict=True)
+
+
+def take_rows(state: Any, rows: torch.Tensor) -> Any:
+    """A fusion state whose row i is row `rows[i]` of `state`: every tensor whose first dimension
+    is the batch is indexed, through dataclasses, dicts, lists and tuples (Flamingo's latents,
+    media index and cross-attention keys/values). A per-image tensor that happens to have as many
+    rows is indexed too, which is harmless where the next step rebuilds it (LLaVA's state)."""
+    if isinstance(state, torch.Tensor):
+        return state[rows] if state.dim() and state.shape[0] == rows.shape[0] else state
+    if dataclasses.is_dataclass(state) and not isinstance(state, type):
+        fields = {f.name: take_rows(getattr(state, f.name), rows) for f in dataclasses.fields(state) if f.init}
+        return dataclasses.replace(state, **fields)
+    if isinstance(state, dict):
+        return {key: take_rows(value, rows) for key, value in state.items()}
+    if isinstance(state, list) or type(state) is tuple:
+        return type(state)(take_rows(value, rows) for value in state)
+    return state
 
 
 def is_sharded(model: nn.Module) -> bool:

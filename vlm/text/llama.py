@@ -113,6 +113,16 @@ class Cache:
         self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
 
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Row i continues from row `rows[i]` [B] (beam search: each beam takes its parent's keys,
+        values, padding and positions). Only the filled positions are copied."""
+        self.key_mask = self.key_mask[rows]
+        self.next_position = self.next_position[rows]
+        for layer in self.layers:
+            if layer.k is not None:
+                layer.k[:, :, : self.length] = layer.k[rows, :, : self.length]
+                layer.v[:, :, : self.length] = layer.v[rows, :, : self.length]
+
 
 @dataclass
 class StepContext:

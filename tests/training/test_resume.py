@@ -12,18 +12,24 @@ from vlm.cli import main
 from vlm.training.checkpointing import is_complete, latest_complete_checkpoint
 
 
-def _run_cli(args: list[str], tmp_path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PL_")}  # no state from in-process runs
+def _run_cli(args: list[str], tmp_path, *, expect: int | None = None) -> subprocess.CompletedProcess:
+    """`vlm ...` in a fresh process. Runs whose losses are compared bit for bit all run this way:
+    the same environment (threads, hash seed) in each, and no state left by earlier in-process runs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PL_")}
+    env["PYTHONHASHSEED"] = "0"
     env["PYTHONPATH"] = f"{ROOT / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
     code = "import sys; from vlm.cli import main; sys.exit(main(sys.argv[1:]))"
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-c", code, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    if expect is not None:
+        assert result.returncode == expect, result.stderr[-3000:]
+    return result
 
 
 @pytest.mark.slow
 def test_resume_after_sigkill_is_bitwise_exact(tmp_path, shapes_dir):
     straight = tmp_path / "straight"
     straight.mkdir()
-    assert main(fit_args(tiny_recipe(straight, shapes_dir, max_steps=12), "llava")) == 0
+    _run_cli(fit_args(tiny_recipe(straight, shapes_dir, max_steps=12), "llava"), straight, expect=0)
     expected = read_losses(straight / "run")
     assert len(expected) == 12
 
@@ -35,7 +41,7 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path, shapes_dir):
     assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
     assert sorted(read_losses(killed / "run")) == list(range(6))
 
-    assert main(fit_args(recipe, "llava", "--ckpt_path", "last")) == 0
+    _run_cli(fit_args(recipe, "llava", "--ckpt_path", "last"), killed, expect=0)
     resumed = read_losses(killed / "run")
     assert sorted(resumed) == list(range(12))
     for step in range(6, 12):  # steps 7-12, counted from 1
@@ -65,7 +71,7 @@ def test_truncated_checkpoint_is_never_last(tmp_path, shapes_dir):
 def test_interrupt_saves_a_checkpoint_and_resume_is_exact(tmp_path, shapes_dir, signum):
     straight = tmp_path / "straight"
     straight.mkdir()
-    assert main(fit_args(tiny_recipe(straight, shapes_dir, max_steps=10, every=100), "llava")) == 0
+    _run_cli(fit_args(tiny_recipe(straight, shapes_dir, max_steps=10, every=100), "llava"), straight, expect=0)
     expected = read_losses(straight / "run")
 
     stopped = tmp_path / "stopped"
@@ -81,7 +87,7 @@ def test_interrupt_saves_a_checkpoint_and_resume_is_exact(tmp_path, shapes_dir, 
     import torch
 
     assert torch.load(last, weights_only=True)["global_step"] == 5  # the step under way was finished
-    assert main(fit_args(recipe, "llava", "--ckpt_path", "last")) == 0
+    _run_cli(fit_args(recipe, "llava", "--ckpt_path", "last"), stopped, expect=0)
     resumed = read_losses(stopped / "run")
     assert sorted(resumed) == list(range(10))
     for step in range(5, 10):

@@ -23,6 +23,27 @@ def test_yaml_key_typo_names_the_file_and_the_nearest_key(tmp_path, shapes_dir, 
     assert str(typo) in line and "model.max_new_tokns" in line and "did you mean model.max_new_tokens" in line
 
 
+def test_typo_and_bad_value_inside_a_dataclass_valued_key(tmp_path, shapes_dir, capsys):
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(yaml.safe_dump({"model": {"optim": {"lrr": 0.1}}}))
+    recipe = tiny_recipe(tmp_path, shapes_dir)
+    assert main(fit_args(recipe, "llava", "--config", str(typo))) == 2
+    line = one_error_line(capsys)
+    assert str(typo) in line and "model.optim.lrr" in line and "did you mean model.optim.lr?" in line
+    assert main(fit_args(recipe, "llava", "--model.optim.lr", "fast")) == 2
+    assert one_error_line(capsys).endswith("command line: model.optim.lr: expected float, got 'fast'")
+
+
+def test_resuming_a_finished_run_says_so(tmp_path, shapes_dir, capsys):
+    recipe = tiny_recipe(tmp_path, shapes_dir, max_steps=2, every=2)
+    assert main(fit_args(recipe, "llava")) == 0
+    capsys.readouterr()
+    assert main(fit_args(recipe, "llava", "--ckpt_path", "last")) == 0  # nothing failed, nothing to do
+    line = one_error_line(capsys)
+    assert "already at step 2" in line and "nothing to train" in line and "--trainer.max_steps" in line
+    assert len(list((tmp_path / "run").glob("logs/version_*"))) == 1  # no empty log folder for it
+
+
 def test_bad_value_on_the_command_line(tmp_path, shapes_dir, capsys):
     assert main(fit_args(tiny_recipe(tmp_path, shapes_dir), "llava", "--data.batch_size", "many")) == 2
     line = one_error_line(capsys)

@@ -84,6 +84,8 @@ def test_interrupt_saves_a_checkpoint_and_resume_is_exact(tmp_path, shapes_dir, 
     assert "saved" in result.stderr and "--ckpt_path last" in result.stderr
     last = stopped / "run" / "checkpoints" / "last.ckpt"
     assert is_complete(last)
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]  # no last-v1.ckpt beside it
+    assert not list((stopped / "run").glob("logs/version_0/captions/*.png"))  # no validation on the way out
     import torch
 
     assert torch.load(last, weights_only=True)["global_step"] == 5  # the step under way was finished

@@ -80,10 +80,15 @@ class SaveOnInterrupt(L.Callback):
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if not stop:
             return
-        folders = [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
-        self.saved = (folders[0] if folders else Path(trainer.default_root_dir) / "checkpoints") / "last.ckpt"
+        callbacks = [cb for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+        folder = Path(callbacks[0].dirpath) if callbacks else Path(trainer.default_root_dir) / "checkpoints"
+        self.saved = folder / "last.ckpt"
         trainer.save_checkpoint(self.saved)
+        for cb in callbacks:  # ModelCheckpoint's own `last` is this file (no last-v1.ckpt beside it)
+            if Path(cb.dirpath) == folder and hasattr(cb, "last_model_path"):
+                cb.last_model_path = str(self.saved)
         rank_zero_info(f"interrupted at step {trainer.global_step}: saved {self.saved}; continue with --ckpt_path last")
+        trainer.limit_val_batches = 0  # stopping runs a last validation otherwise: exit now
         trainer.should_stop = True
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -11,6 +11,7 @@ into a checkpoint directory that holds an earlier run's checkpoints unless it re
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import io
 import logging
@@ -19,6 +20,7 @@ import re
 import shutil
 import sys
 import time
+import typing
 import warnings
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from vlm.errors import UserError
 from vlm.training.callbacks import CaptionWriter, SaveOnInterrupt, TrainingState
-from vlm.training.checkpointing import AtomicCheckpointIO, latest_complete_checkpoint
+from vlm.training.checkpointing import AtomicCheckpointIO, latest_complete_checkpoint, read_metadata
 from vlm.training.datamodule import VLMDataModule
 from vlm.training.module import VLMModule
 
@@ -93,6 +95,9 @@ class VLMCLI(LightningCLI):
             ckpt_path = self._checkpoint(ckpt_path)
         elif _is_launcher_process():
             self._guard_output(overwrite=bool(self.config["fit"].get("overwrite")))
+        if ckpt_path is not None and not self._steps_left(ckpt_path):
+            return
+        kwargs["weights_only"] = True if kwargs.get("weights_only") is None else kwargs["weights_only"]
         started = time.time()
         try:
             self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, **kwargs)
@@ -105,6 +110,15 @@ class VLMCLI(LightningCLI):
     def interrupted(self) -> bool:
         """Whether `vlm fit` stopped on SIGINT/SIGTERM (after saving a checkpoint)."""
         return any(isinstance(cb, SaveOnInterrupt) and cb.received is not None for cb in self.trainer.callbacks)
+
+    def _steps_left(self, ckpt_path: str) -> bool:
+        """False (and says so) when the checkpoint has already reached trainer.max_steps."""
+        done, limit = int(read_metadata(ckpt_path).get("global_step", 0)), self.trainer.max_steps
+        if limit is not None and 0 <= limit <= done:
+            print(f"vlm fit: {ckpt_path} is already at step {done} (trainer.max_steps {limit}): nothing to train; "
+                  "raise --trainer.max_steps to train on", file=sys.stderr)
+            return False
+        return True
 
     def validate(self, model: VLMModule, datamodule: VLMDataModule | None = None, ckpt_path: str | None = None, **kwargs: Any):
         return self.trainer.validate(model, datamodule=datamodule, ckpt_path=self._checkpoint(ckpt_path), **kwargs)
@@ -165,14 +179,26 @@ def explain_parse_error(output: str, args: list[str], parser, subcommand: str) -
     if found is None:
         return message + f" (vlm {subcommand} --help lists every key)"
     key = found.group(1).removeprefix("--")
-    typed = re.search(r"Expected a <class '(\w+)'>\. Got value: (.*)", message)
-    if typed:
-        message = f"expected {typed.group(1)}, got {typed.group(2).strip()!r}"
+    nested = re.search(r"Option '(\w+)' is not accepted", message)  # a typo inside a dataclass-valued key
+    if nested:
+        key, message = f"{key}.{nested.group(1)}", "does not accept option"
+    typed = re.search(r"Expected a <class '(\w+)'>\. Got value: (.*?)(?: - |$)", message)
+    arg = re.search(r"NestedArg\(key='(\w+)', val='(.*?)'\)", message)
+    if arg:  # a wrong value for a field of a dataclass-valued key, given on the command line
+        key = f"{key}.{arg.group(1)}"
+        message = f"expected {typed.group(1)}, got {arg.group(2)!r}" if typed else f"invalid value {arg.group(2)!r}"
+    elif typed:
+        message = f"expected {typed.group(1)}, got {typed.group(2).strip().strip(chr(34))!r}"
     where = next((path for path in reversed(_config_files(args)) if _holds_key(path, key)), None)
     if any(a.split("=", 1)[0] == f"--{key}" for a in args):
         where = "command line"
     subparser = parser._subcommands_action._name_parser_map.get(subcommand, parser)
     valid = [a.dest for a in subparser._actions if a.dest and not a.dest.endswith(".help")]
+    for action in subparser._actions:  # fields of dataclass-valued keys such as model.optim
+        hint = getattr(action, "_typehint", None)
+        for kind in typing.get_args(hint) or (hint,):
+            if dataclasses.is_dataclass(kind):
+                valid += [f"{action.dest}.{field.name}" for field in dataclasses.fields(kind)]
     unknown = "does not accept" in message or "unrecognized" in message
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.75) if unknown else []
     text = f"unknown key {key}" if unknown else f"{key}: " + message.removeprefix(f'Parser key "{key}": ')

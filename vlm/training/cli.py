@@ -249,6 +249,8 @@ def quiet_startup() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     # fit guards the checkpoint folder itself (refused, --overwrite or --ckpt_path last)
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    # CaptionWriter keys predictions by sample key, not by Lightning's batch indices
+    warnings.filterwarnings("ignore", message=r"Couldn't infer the batch indices fetched from your dataloader")
 
 
 def _is_launcher_process() -> bool:

@@ -163,38 +163,42 @@ class VisionLanguageModel(nn.Module):
         if sync_ranks is None:
             sync_ranks = is_sharded(self) and torch.distributed.get_world_size() > 1
         all_finished = (lambda done: ranks_finished(done, device=batch.input_ids.device)) if sync_ranks else None
+        run = self._decode_cached if use_cache else self._decode_uncached
+        return run(batch, config, vocab_size=vocab_size, generator=generator, all_finished=all_finished)
 
-        def next_logits(h: torch.Tensor) -> torch.Tensor:
-            logits = self.text.output(h[:, -1])
-            logits[:, self.config.image_token_id] = float("-inf")  # images come from the prompt, never sampled
-            if vocab_size is not None:
-                logits[:, vocab_size:] = float("-inf")  # rows the tokenizer has no token for
-            return logits
+    def _next_logits(self, h: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
+        logits = self.text.output(h[:, -1])
+        logits[:, self.config.image_token_id] = float("-inf")  # images come from the prompt, never sampled
+        if vocab_size is not None:
+            logits[:, vocab_size:] = float("-inf")  # rows the tokenizer has no token for
+        return logits
 
-        if not use_cache:  # recompute everything each step: the reference the cache is tested against
-            def step(token: torch.Tensor) -> torch.Tensor:
-                batch.input_ids = torch.cat([batch.input_ids, token], 1)
-                batch.attention_mask = torch.cat([batch.attention_mask, torch.ones_like(token)], 1)
-                return next_logits(self.hidden(batch)[0])
-
-            def reorder(rows: torch.Tensor) -> None:  # a beam's parent is a row of its prompt: same images
-                batch.input_ids, batch.attention_mask = batch.input_ids[rows], batch.attention_mask[rows]
-
-            return decode(step, next_logits(self.hidden(batch)[0]), config, generator=generator,
-                          all_finished=all_finished, reorder=reorder)
-        cache = self.text.new_cache(batch.input_ids.shape[0], batch.input_ids.shape[1] + max_new_tokens)
+    def _decode_cached(self, batch: ModelInput, config: SamplingConfig, *, vocab_size, **decode_options) -> list[list[int]]:
+        cache = self.text.new_cache(batch.input_ids.shape[0], batch.input_ids.shape[1] + config.max_new_tokens)
         h, state = self.hidden(batch, cache=cache)
         holder = {"state": state}
 
         def step(token: torch.Tensor) -> torch.Tensor:
             h, holder["state"] = self.hidden(ModelInput(token), cache=cache, state=holder["state"])
-            return next_logits(h)
+            return self._next_logits(h, vocab_size)
 
         def reorder(rows: torch.Tensor) -> None:
             cache.reorder(rows)
             holder["state"] = take_rows(holder["state"], rows)
 
-        return decode(step, next_logits(h), config, generator=generator, all_finished=all_finished, reorder=reorder)
+        return decode(step, self._next_logits(h, vocab_size), config, reorder=reorder, **decode_options)
+
+    def _decode_uncached(self, batch: ModelInput, config: SamplingConfig, *, vocab_size, **decode_options) -> list[list[int]]:
+        """Recompute everything each step: the reference the cache is tested against."""
+        def step(token: torch.Tensor) -> torch.Tensor:
+            batch.input_ids = torch.cat([batch.input_ids, token], 1)
+            batch.attention_mask = torch.cat([batch.attention_mask, torch.ones_like(token)], 1)
+            return self._next_logits(self.hidden(batch)[0], vocab_size)
+
+        def reorder(rows: torch.Tensor) -> None:  # a beam's parent is a row of its prompt: same images
+            batch.input_ids, batch.attention_mask = batch.input_ids[rows], batch.attention_mask[rows]
+
+        return decode(step, self._next_logits(self.hidden(batch)[0], vocab_size), config, reorder=reorder, **decode_options)
 
     def _prompt_batch(self, images, prompts: Sequence[Sequence[int]], pad_id: int, *, num_beams: int = 1) -> ModelInput:
         """The left-padded prompt batch, each prompt and its images repeated `num_beams` times."""

@@ -33,7 +33,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from vlm.errors import UserError
 from vlm.training.callbacks import CaptionWriter, SaveOnInterrupt, TrainingState
-from vlm.training.checkpointing import AtomicCheckpointIO, latest_complete_checkpoint, read_metadata
+from vlm.training.checkpointing import AtomicCheckpointIO, latest_complete_checkpoint, read_metadata, written_at
 from vlm.training.datamodule import VLMDataModule
 from vlm.training.module import VLMModule
 
@@ -150,7 +150,7 @@ class VLMCLI(LightningCLI):
                 raise UserError(f"--ckpt_path last: no complete checkpoint in {', '.join(map(str, dirs))}")
             log.warning("--ckpt_path last: no complete checkpoint in %s; starting from scratch", [str(d) for d in dirs])
             return None
-        newest = max(found, key=lambda p: (p / "meta.pt" if p.is_dir() else p).stat().st_mtime_ns)
+        newest = max(found, key=written_at)
         log.info("resuming from %s", newest)
         return str(newest)
 

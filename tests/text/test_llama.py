@@ -196,7 +196,8 @@ def test_config_validation():
         LlamaConfig(rope_scaling={"factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0})
 
 
-def test_fused_loss_matches_plain_cross_entropy():
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_fused_loss_matches_plain_cross_entropy(eps):
     from vlm.text.loss import fused_linear_cross_entropy
 
     torch.manual_seed(0)
@@ -205,10 +206,10 @@ def test_fused_loss_matches_plain_cross_entropy():
     labels = ids.clone()
     labels[0, :6] = -100  # a prompt
     labels[2, 10:] = -100  # padding
-    loss = model.loss(ids, labels)
+    loss = model.loss(ids, labels, label_smoothing=eps)
     grads = torch.autograd.grad(loss, list(model.parameters()))
     logits = model(ids)
-    ref = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    ref = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, label_smoothing=eps)
     ref_grads = torch.autograd.grad(ref, list(model.parameters()))
     torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-6)
     for g, r in zip(grads, ref_grads):
@@ -227,7 +228,8 @@ def test_fused_loss_matches_plain_cross_entropy():
     assert empty.item() == 0 and h.grad.abs().sum() == 0
 
 
-def test_fused_loss_under_bf16_autocast_matches_autocast_reference():
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_fused_loss_under_bf16_autocast_matches_autocast_reference(eps):
     from vlm.text.loss import fused_linear_cross_entropy
 
     torch.manual_seed(0)
@@ -235,8 +237,8 @@ def test_fused_loss_under_bf16_autocast_matches_autocast_reference():
     w = (torch.randn(50, 32) * 0.1).requires_grad_()
     y = torch.randint(0, 50, (12,))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = fused_linear_cross_entropy(h, w, y, chunk_size=5)
-        ref = F.cross_entropy((h @ w.T).float(), y)
+        loss = fused_linear_cross_entropy(h, w, y, chunk_size=5, label_smoothing=eps)
+        ref = F.cross_entropy((h @ w.T).float(), y, label_smoothing=eps)
     gh, gw = torch.autograd.grad(loss, [h, w])
     rh, rw = torch.autograd.grad(ref, [h, w])
     assert gh.dtype == h.dtype and gw.dtype == w.dtype

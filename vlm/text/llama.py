@@ -32,6 +32,7 @@ class LlamaConfig:
     rope_scaling: RopeScaling | None = None
     max_seq_len: int = 2048
     tie_embeddings: bool = False
+    dropout: float = 0.0  # residual dropout in training (see DecoderLayer); 0 = none
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -49,6 +50,8 @@ class LlamaConfig:
             raise ValueError(f"head size dim / n_heads = {self.head_dim} must be even for RoPE")
         if self.norm_eps <= 0 or self.rope_theta <= 0:
             raise ValueError("LlamaConfig.norm_eps and rope_theta must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LlamaConfig.dropout must be in [0, 1), got {self.dropout}")
 
     @property
     def head_dim(self) -> int:
@@ -179,16 +182,26 @@ class FeedForward(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm block: h + drop(attention(norm(h))), then h + drop(feed_forward(norm(h))).
+
+    `config.dropout` is residual dropout as in GPT-2: on the attention output (after `wo`) and on
+    the feed-forward output (after `w2`), just before each is added to the residual stream; not on
+    the token embeddings, nor inside attention. It acts only in `train()` mode and holds no
+    parameters. Under tensor parallelism it drops the all-reduced (replicated) outputs of `wo` and
+    `w2`, so the ranks of a tensor-parallel group need the same RNG state (the same seed).
+    """
+
     def __init__(self, config: LlamaConfig, layer_idx: int) -> None:
         super().__init__()
         self.attention = Attention(config.dim, config.n_heads, config.n_kv_heads, layer_idx=layer_idx)
         self.feed_forward = FeedForward(config.dim, config.hidden_dim)
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.residual_dropout = nn.Dropout(config.dropout)  # stateless: used for both branches
 
     def forward(self, h: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        h = h + self.attention(self.attention_norm(h), ctx)
-        return h + self.feed_forward(self.ffn_norm(h))
+        h = h + self.residual_dropout(self.attention(self.attention_norm(h), ctx))
+        return h + self.residual_dropout(self.feed_forward(self.ffn_norm(h)))
 
 
 class Llama(nn.Module):
@@ -289,9 +302,16 @@ class Llama(nn.Module):
         """input_ids [B, T] -> logits [B, T, vocab_size]."""
         return self.output(self.hidden(input_ids, attention_mask=attention_mask, cache=cache))
 
-    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, *, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        label_smoothing: float = 0.0,
+    ) -> torch.Tensor:
         """Mean next-token cross-entropy: position t predicts labels[t+1]; -100 labels are ignored.
 
-        Never materialises the full logits (see `vlm.text.loss`)."""
+        Never materialises the full logits (see `vlm.text.loss`, also for `label_smoothing`)."""
         h = self.hidden(input_ids, attention_mask=attention_mask)
-        return fused_linear_cross_entropy(h, self.output.weight, shift_labels(labels))
+        return fused_linear_cross_entropy(h, self.output.weight, shift_labels(labels), label_smoothing=label_smoothing)

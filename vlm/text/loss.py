@@ -15,8 +15,8 @@ from vlm.text.chat import IGNORE_INDEX
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_size: int, ignore_index: int):  # noqa: ANN001
-        total, grad_h, grad_w = _loss_and_grads(hidden, weight, labels, chunk_size, ignore_index,
+    def forward(ctx, hidden, weight, labels, chunk_size: int, ignore_index: int, label_smoothing: float):  # noqa: ANN001
+        total, grad_h, grad_w = _loss_and_grads(hidden, weight, labels, chunk_size, ignore_index, label_smoothing,
                                                 need_h=ctx.needs_input_grad[0], need_w=ctx.needs_input_grad[1])
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
@@ -29,20 +29,24 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             grad_h = grad_h * grad_out if grad_h is not None else None
             grad_w = grad_w * grad_out if grad_w is not None else None
         grad_w = grad_w.to(ctx.weight_dtype) if grad_w is not None else None
-        return grad_h, grad_w, None, None, None
+        return grad_h, grad_w, None, None, None, None
 
 
-def _loss_and_grads(hidden, weight, labels, chunk_size, ignore_index, *, need_h: bool, need_w: bool):
+def _loss_and_grads(hidden, weight, labels, chunk_size, ignore_index, label_smoothing, *, need_h: bool, need_w: bool):
     # hidden [N, D], weight [V, D], labels [N]
     device = hidden.device.type
     # Under autocast the matmuls run in its dtype (as the head would), softmax in float32, and the
     # weight gradient accumulates in float32; autocast itself is off so that dtypes stay explicit.
     compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
     with torch.autocast(device, enabled=False):
-        return _chunked(hidden, weight.to(compute), labels, chunk_size, ignore_index, need_h=need_h, need_w=need_w)
+        return _chunked(hidden, weight.to(compute), labels, chunk_size, ignore_index, label_smoothing,
+                        need_h=need_h, need_w=need_w)
 
 
-def _chunked(hidden, weight, labels, chunk_size, ignore_index, *, need_h: bool, need_w: bool):
+def _chunked(hidden, weight, labels, chunk_size, ignore_index, label_smoothing, *, need_h: bool, need_w: bool):
+    # With smoothing eps the target is (1 - eps) one-hot + eps / V uniform: the loss gains eps times
+    # the mean of -log p over the vocabulary, and the logits' gradient is softmax - target.
+    uniform = label_smoothing / weight.shape[0]
     keep = (labels != ignore_index).nonzero().squeeze(1)
     count = max(int(keep.numel()), 1)
     grad_h = torch.zeros_like(hidden) if need_h else None
@@ -53,10 +57,16 @@ def _chunked(hidden, weight, labels, chunk_size, ignore_index, *, need_h: bool, 
         h, y = hidden[rows].to(weight.dtype), labels[rows]
         logits = (h @ weight.T).float()  # [n, V]
         log_probs = torch.log_softmax(logits, -1, out=logits)  # in place: one [n, V] buffer per chunk
-        total -= log_probs.gather(1, y[:, None]).sum()
+        picked = log_probs.gather(1, y[:, None]).sum()
+        if label_smoothing:
+            total -= (1.0 - label_smoothing) * picked + uniform * log_probs.sum()
+        else:
+            total -= picked
         if need_h or need_w:
             grad = log_probs.exp_()  # softmax, in place
-            grad[torch.arange(len(rows), device=grad.device), y] -= 1.0
+            grad[torch.arange(len(rows), device=grad.device), y] -= 1.0 - label_smoothing
+            if label_smoothing:
+                grad.sub_(uniform)
             # The mean's 1/count scales the two small products, not the [n, V] gradient.
             if need_h:
                 grad_h[rows] = (grad.to(weight.dtype) @ weight).mul_(1.0 / count).to(grad_h.dtype)
@@ -77,16 +87,21 @@ def fused_linear_cross_entropy(
     *,
     chunk_size: int | None = None,
     ignore_index: int = IGNORE_INDEX,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight.T` against `labels` over non-ignored positions.
 
     hidden [..., D], weight [V, D], labels [...] (already aligned: labels[i] is the target of
     hidden[i]). Returns a scalar; 0 when every label is ignored. `chunk_size` rows are computed at
     a time; by default as many as keep one chunk's logits near 2**26 values (256 MB in float32).
+    `label_smoothing` eps in [0, 1) is `F.cross_entropy`'s: each position's loss is
+    (1 - eps) * (-log p[label]) + eps * mean over all V classes of -log p.
     """
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     if chunk_size is None:
         chunk_size = default_chunk_size(weight.shape[0])
-    args = (hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), chunk_size, ignore_index)
+    args = (hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), chunk_size, ignore_index, label_smoothing)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _FusedLinearCrossEntropy.apply(*args)
     # Inside apply() needs_input_grad follows requires_grad even under no_grad: validation would pay

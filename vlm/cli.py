@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "caption": ("vlm.caption:main", "caption images with an exported model"),
     "evaluate": ("vlm.eval.evaluate:main", "evaluate captioning on shards: JSON report and PNG grid"),
     "memory": ("vlm.training.memory:main", "estimate per-device memory of a recipe"),
+    "features": ("vlm.training.features:main", "cache a recipe's frozen vision tower outputs over shards"),
 }
 
 # Subcommands handed to LightningCLI keep their own name as the first argument.

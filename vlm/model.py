@@ -65,6 +65,7 @@ class ModelInput:
     pixel_values: torch.Tensor | None = None  # [N, 3, H, W]
     image_sample_index: torch.Tensor | None = None  # [N]
     labels: torch.Tensor | None = None  # [B, T]
+    image_features: torch.Tensor | None = None  # [N, num_tokens, dim]: the frozen tower's cached outputs
 
 
 @dataclass
@@ -86,8 +87,10 @@ class VisionLanguageModel(nn.Module):
     def tokens_per_image(self) -> int:
         return self.fusion.tokens_per_image
 
-    def forward(self, batch: Any, *, cache: Cache | None = None, state: Any = None, return_logits: bool = True) -> ModelOutput:
-        """Logits [B, T, V], and the mean next-token loss when `batch.labels` is set.
+    def forward(self, batch: Any, *, cache: Cache | None = None, state: Any = None, return_logits: bool = True,
+                label_smoothing: float = 0.0) -> ModelOutput:
+        """Logits [B, T, V], and the mean next-token loss when `batch.labels` is set (with
+        `label_smoothing`, that of `torch.nn.functional.cross_entropy`).
 
         With `return_logits=False` the loss is computed chunk by chunk without materialising logits.
         """
@@ -95,13 +98,20 @@ class VisionLanguageModel(nn.Module):
         labels = getattr(batch, "labels", None)
         loss = None
         if labels is not None:
-            loss = fused_linear_cross_entropy(h, self.text.output.weight, shift_labels(labels))
+            loss = fused_linear_cross_entropy(h, self.text.output.weight, shift_labels(labels),
+                                              label_smoothing=label_smoothing)
         return ModelOutput(self.text.output(h) if return_logits else None, loss)
 
     def hidden(self, batch: Any, *, cache: Cache | None = None, state: Any = None) -> tuple[torch.Tensor, Any]:
-        """The fusion loop. Returns final normalised hidden states [B, T, D] and the fusion state."""
+        """The fusion loop. Returns final normalised hidden states [B, T, D] and the fusion state.
+
+        A batch with `image_features` (a frozen tower's outputs, cached by `vlm features build`)
+        skips the tower: those are exactly what `self.vision(pixel_values)` would return."""
         pixels = getattr(batch, "pixel_values", None)
-        if pixels is not None and pixels.shape[0] > 0:
+        features = getattr(batch, "image_features", None)
+        if features is not None and features.shape[0] > 0:
+            state = self.fusion.prepare(features.to(self.text.tok_embeddings.weight.device), batch, state)
+        elif pixels is not None and pixels.shape[0] > 0:
             state = self.fusion.prepare(self.vision(pixels), batch, state)
         elif self.blank_image_when_missing and state is None:
             state = self.fusion.prepare_blank(self.vision(self._blank_image()), batch)
@@ -228,7 +238,7 @@ class VisionLanguageModel(nn.Module):
         loaded = load_llama(path)
         ours, theirs = self.text.config, loaded.config
         mismatched = [f.name for f in dataclasses.fields(LlamaConfig)
-                      if f.name not in ("vocab_size", "max_seq_len") and getattr(ours, f.name) != getattr(theirs, f.name)]
+                      if f.name not in ("vocab_size", "max_seq_len", "dropout") and getattr(ours, f.name) != getattr(theirs, f.name)]
         if mismatched or theirs.vocab_size > ours.vocab_size:
             details = ", ".join(f"{n}: model {getattr(ours, n)} vs checkpoint {getattr(theirs, n)}" for n in mismatched + ["vocab_size"])
             raise ValueError(f"{path}: text backbone config does not match ({details})")

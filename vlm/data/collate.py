@@ -39,6 +39,8 @@ class Batch:
             appearance; None if the batch has no image.
         image_sample_index: [N] long, the row of `input_ids` each image belongs to; None if no image.
         keys: each row's sample key (`__key__`), for predictions and error messages.
+        image_features: [N, num_tokens, dim], the frozen tower's cached outputs for the N images,
+            in place of `pixel_values` (see `vlm.data.features`); None otherwise.
     """
 
     input_ids: torch.Tensor
@@ -47,6 +49,7 @@ class Batch:
     pixel_values: torch.Tensor | None = None
     image_sample_index: torch.Tensor | None = None
     keys: tuple[str, ...] | None = None
+    image_features: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, *, non_blocking: bool = False) -> Batch:
         """A copy with every tensor on `device`."""
@@ -69,9 +72,12 @@ class Collator:
         image_id: id of the <|image|> token.
         image_token_count: positions one image occupies after expansion (>= 1).
         max_length: longest sequence kept after expansion (see the module docstring); None keeps all.
+        features: the samples' images are cached tower outputs [num_tokens, dim], collated into
+            `Batch.image_features` instead of `pixel_values`.
     """
 
-    def __init__(self, *, pad_id: int, image_id: int, image_token_count: int = 1, max_length: int | None = None):
+    def __init__(self, *, pad_id: int, image_id: int, image_token_count: int = 1, max_length: int | None = None,
+                 features: bool = False):
         if image_token_count < 1:
             raise ValueError(f"image_token_count must be >= 1, got {image_token_count}")
         if max_length is not None and max_length < 1:
@@ -80,6 +86,7 @@ class Collator:
             raise ValueError(f"pad_id and image_id are both {pad_id}; padding would look like image slots")
         self.pad_id, self.image_id = pad_id, image_id
         self.image_token_count, self.max_length = image_token_count, max_length
+        self.features = features
         self.truncated_samples = 0
         self.dropped_images = 0
 
@@ -101,8 +108,11 @@ class Collator:
         keys = tuple(sample.key for sample in samples)
         if not images:
             return Batch(input_ids, labels, attention_mask, keys=keys)
-        pixel_values = _stack_images(images, [samples[row].key for row in owners])
-        return Batch(input_ids, labels, attention_mask, pixel_values, torch.tensor(owners, dtype=torch.long), keys)
+        stacked = _stack_images(images, [samples[row].key for row in owners], features=self.features)
+        owners = torch.tensor(owners, dtype=torch.long)
+        if self.features:
+            return Batch(input_ids, labels, attention_mask, None, owners, keys, image_features=stacked)
+        return Batch(input_ids, labels, attention_mask, stacked, owners, keys)
 
     def expand(self, sample: EncodedSample) -> tuple[torch.Tensor, torch.Tensor, list]:
         """Expanded (and possibly truncated) ids [T'], labels [T'] and the images kept."""
@@ -138,9 +148,14 @@ class Collator:
                         "whose span did not fit", key, length, cut, self.max_length, dropped)
 
 
-def _stack_images(images: list, keys: list[str]) -> torch.Tensor:
-    """[N, 3, H, W] from N tensors [3, H, W]; clear errors for untransformed or mixed-size images."""
+def _stack_images(images: list, keys: list[str], *, features: bool = False) -> torch.Tensor:
+    """[N, 3, H, W] from N tensors [3, H, W] (or [N, tokens, dim] from cached features); clear
+    errors for untransformed or mixed-size images."""
     for image, key in zip(images, keys):
+        if isinstance(image, torch.Tensor) and (image.ndim == 2) != features:
+            raise TypeError(f"sample {key!r}: got an image tensor of shape {list(image.shape)} where "
+                            f"{'cached features [tokens, dim]' if features else 'a transformed image [3, H, W]'} "
+                            "was expected")
         if not isinstance(image, torch.Tensor):
             raise TypeError(f"sample {key!r}: images must be tensors [3, H, W] for collation, got "
                             f"{type(image).__name__}; pass the vision encoder's transform to encode_sample")

@@ -46,6 +46,7 @@ SKIP_REASONS: tuple[str, ...] = (
     "missing image",  # a sample without the image(s) it needs
     "image mismatch",  # image parts and image members disagree
     "bad sample",  # anything else about a sample's structure
+    "no cached features",  # training from a feature cache that lacks this sample's image
 )
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp"})
@@ -192,7 +193,8 @@ def decode_member(member: str, data: bytes, *, max_pixels: int = DEFAULT_MAX_PIX
 
 
 def decode_sample(sample: Mapping[str, Any], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
-    """Decode every member of a raw sample {"__key__", "__url__", member: bytes, ...}.
+    """Decode every member of a raw sample {"__key__", "__url__", member: bytes, ...}; a member
+    that is not bytes (an image replaced by its cached features) is kept as it is.
 
     Pickle-needing members are checked first, so such a sample is refused before any image work.
     Errors are SampleErrors that name the shard, the key and the member.
@@ -202,6 +204,9 @@ def decode_sample(sample: Mapping[str, Any], *, max_pixels: int = DEFAULT_MAX_PI
                      key=lambda name: member_extension(name) not in PICKLE_EXTENSIONS)  # pickles first
     decoded = {name: value for name, value in sample.items() if name.startswith("__")}
     for name in members:
+        if not isinstance(sample[name], (bytes, bytearray, memoryview)):  # decoded already (cached features)
+            decoded[name] = sample[name]
+            continue
         try:
             decoded[name] = decode_member(name, sample[name], max_pixels=max_pixels)
         except SampleError as error:
@@ -225,7 +230,7 @@ def iter_shard_samples(stream: BinaryIO, url: str, *, max_member_bytes: int) -> 
     current: dict[str, Any] | None = None
     try:
         for name, data in _tar_members(stream, max_member_bytes):
-            key, member = _split_member_name(name)
+            key, member = split_member_name(name)
             if current is not None and key != current["__key__"]:
                 yield current
                 current = None
@@ -246,10 +251,10 @@ def iter_shard_samples(stream: BinaryIO, url: str, *, max_member_bytes: int) -> 
                 current[member] = data
     except _BrokenShard as broken:  # the sample being read when the shard broke is lost
         key = current["__key__"] if current is not None else None
-        if broken.member_name is not None and _split_member_name(broken.member_name)[0] != key:
+        if broken.member_name is not None and split_member_name(broken.member_name)[0] != key:
             if current is not None:
                 yield current  # complete: the break is in the first member of the next sample
-            key = _split_member_name(broken.member_name)[0]
+            key = split_member_name(broken.member_name)[0]
         yield {"__key__": key, "__url__": url, "__error__": broken.error.located(key=key, url=url)}
         return
     if current is not None:
@@ -309,7 +314,7 @@ def _tar_members(stream: BinaryIO, max_member_bytes: int) -> Iterator[tuple[str,
         raise _BrokenShard(SampleError(f"invalid tar header ({end})", reason="corrupt shard"))
 
 
-def _split_member_name(name: str) -> tuple[str, str]:
+def split_member_name(name: str) -> tuple[str, str]:
     directory, _, base = name.rpartition("/")
     stem, _, member = base.partition(".")
     return (f"{directory}/{stem}" if directory else stem), member.lower()

@@ -43,6 +43,7 @@ from webdataset.shardlists import expand_urls
 from vlm.data.collate import Collator
 from vlm.data.decode import DEFAULT_MAX_PIXELS, SKIP_REASONS, SampleError, decode_sample, iter_shard_samples
 from vlm.data.formats import EncodedSample, encode_sample
+from vlm.data.features import FeatureStore
 from vlm.text.chat import ChatTemplate
 
 HANDLERS = ("strict", "skip")
@@ -250,10 +251,13 @@ def build_pipeline(
     worker: int = 0,
     num_workers: int = 1,
     epoch: int = 0,
+    features: FeatureStore | None = None,
 ) -> wds.DataPipeline:
-    """The pipeline of one worker of one rank, yielding `Batch`es."""
+    """The pipeline of one worker of one rank, yielding `Batch`es. With `features` (a cache of the
+    frozen tower's outputs), images become their cached features and `transform` is not used."""
     handler = SampleHandler(config, counter if counter is not None else SkipCounter())
-    encode: Callable[[dict], EncodedSample] = partial(encode_sample, template=template, transform=transform)
+    encode: Callable[[dict], EncodedSample] = partial(encode_sample, template=template,
+                                                      transform=None if features is not None else transform)
     stages = shard_stages(config, rank=rank, world_size=world_size, worker=worker, num_workers=num_workers, epoch=epoch)
     stages.append(partial(read_tar_samples, max_member_bytes=config.max_member_bytes))
     if shares_shards(config, world_size=world_size, num_workers=num_workers):
@@ -262,6 +266,8 @@ def build_pipeline(
     if config.shuffle and config.shuffle_buffer > 1:
         rng = _seeded("samples", config.seed, epoch, rank, worker)
         stages.append(wds.shuffle(config.shuffle_buffer, initial=min(100, config.shuffle_buffer), rng=rng))
+    if features is not None:
+        stages.append(partial(handler.map, fn=features.substitute))
     stages += [
         partial(handler.map, fn=partial(decode_sample, max_pixels=config.max_pixels)),
         partial(handler.map, fn=encode),
@@ -292,9 +298,11 @@ class ShardDataset(IterableDataset):
     """
 
     def __init__(self, config: PipelineConfig, template: ChatTemplate, *, transform: Callable, collator: Collator,
-                 counter: SkipCounter | None = None, rank: int | None = None, world_size: int | None = None):
+                 counter: SkipCounter | None = None, rank: int | None = None, world_size: int | None = None,
+                 features: FeatureStore | None = None):
         super().__init__()
         self.config, self.template, self.transform, self.collator = config, template, transform, collator
+        self.features = features
         self.counter = counter if counter is not None else SkipCounter()
         self.rank, self.world_size = node_info(rank, world_size)
         self.epoch = 0
@@ -307,19 +315,20 @@ class ShardDataset(IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         pipeline = build_pipeline(self.config, self.template, transform=self.transform, collator=self.collator,
                                   counter=self.counter, rank=self.rank, world_size=self.world_size,
-                                  worker=worker, num_workers=num_workers, epoch=self.epoch)
+                                  worker=worker, num_workers=num_workers, epoch=self.epoch, features=self.features)
         return iter(pipeline)
 
 
 def build_dataloader(config: PipelineConfig, template: ChatTemplate, *, transform: Callable, collator: Collator,
                      num_workers: int = 2, counter: SkipCounter | None = None, rank: int | None = None,
-                     world_size: int | None = None, pin_memory: bool = False) -> DataLoader:
+                     world_size: int | None = None, pin_memory: bool = False,
+                     features: FeatureStore | None = None) -> DataLoader:
     """A DataLoader over a `ShardDataset` (batching happens in the workers, so batch_size=None).
 
     `loader.dataset.set_epoch(e)` changes the shuffling; `loader.dataset.counter` has the skips.
     """
     dataset = ShardDataset(config, template, transform=transform, collator=collator, counter=counter,
-                           rank=rank, world_size=world_size)
+                           rank=rank, world_size=world_size, features=features)
     if shares_shards(config, world_size=dataset.world_size, num_workers=max(num_workers, 1)):
         log.info("%d shard(s) for %d rank(s) x %d worker(s): every worker reads every shard and keeps its "
                  "share of the samples", len(config.shards), dataset.world_size, max(num_workers, 1))

@@ -76,8 +76,13 @@ def embed_images(model: torch.nn.Module, images: Iterable[Image.Image], *, batch
 
 
 def _pooled(vision: torch.nn.Module, batch: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    tokens = vision(torch.stack(batch).to(device))  # [B, num_tokens, D]
-    return F.normalize(tokens.float().mean(dim=1), dim=-1).cpu()  # [B, D]
+    return pool_tokens(vision(torch.stack(batch).to(device))).cpu()
+
+
+def pool_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    """Tower outputs [B, num_tokens, D] (or cached ones) -> retrieval embeddings [B, D]: the mean
+    token, in float32, unit L2 norm."""
+    return F.normalize(tokens.float().mean(dim=1), dim=-1)
 
 
 @torch.no_grad()

@@ -23,17 +23,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
 from tqdm import tqdm
 
 from vlm.caption import Captioner
 from vlm.data.decode import IMAGE_EXTENSIONS, SampleError, decode_sample, iter_shard_samples
+from vlm.data.features import FeatureStore
 from vlm.data.formats import sample_kind
 from vlm.data.pipeline import expand_shards
 from vlm.errors import UserError
-from vlm.eval.baselines import embed_images, most_frequent_caption, nearest_neighbours
+from vlm.eval.baselines import embed_images, most_frequent_caption, nearest_neighbours, pool_tokens
 from vlm.eval.grid import caption_grid
 from vlm.eval.metrics import caption_metrics, normalise_caption
+from vlm.features import fingerprint
 
 
 @dataclass
@@ -41,6 +44,7 @@ class CaptionExample:
     key: str
     image: Image.Image
     references: list[str]
+    member: str = "jpg"  # the image's member name in its shard (e.g. "png")
 
 
 def caption_examples(shards: Sequence[str | Path], *, limit: int | None = None, skipped: Counter | None = None,
@@ -74,23 +78,25 @@ def _example(raw: dict, skipped: Counter, errors: dict[str, str]) -> CaptionExam
     if sample_kind(sample) != "caption":
         skipped[f"not a caption sample ({sample_kind(sample)})"] += 1
         return None
-    images = [sample[k] for k in sample if k in IMAGE_EXTENSIONS]
+    members = [k for k in sample if k in IMAGE_EXTENSIONS]
     meta = sample.get("json") or {}
     references = meta.get("captions") or ([meta["caption"]] if "caption" in meta else []) or ([sample["txt"]] if "txt" in sample else [])
-    if len(images) != 1 or not references:
+    if len(members) != 1 or not references:
         skipped["missing image or caption"] += 1
         return None
-    return CaptionExample(sample["__key__"], images[0], [r.strip() for r in references])
+    return CaptionExample(sample["__key__"], sample[members[0]], [r.strip() for r in references], members[0])
 
 
 def evaluate(captioner: Captioner, shards: Sequence[str | Path], *, limit: int | None = None, batch_size: int = 32,
              max_new_tokens: int = 32, progress: bool = True, search: Mapping[str, Any] | None = None,
-             train_shards: Sequence[str | Path] | None = None, train_limit: int | None = None) -> dict:
+             train_shards: Sequence[str | Path] | None = None, train_limit: int | None = None,
+             train_features: FeatureStore | None = None) -> dict:
     """Caption every example and score; returns the report (metrics, counts, per-sample results).
 
     `search`: keyword arguments of `Captioner.caption` for the decoding (num_beams, length_penalty,
     no_repeat_ngram_size, repetition_penalty), recorded in the report's settings. With
-    `train_shards`, the report also has a "baselines" section (see `score_baselines`)."""
+    `train_shards`, the report also has a "baselines" section (see `score_baselines`; `train_features`:
+    the training images' tower outputs from a feature cache instead of running the tower)."""
     search = dict(search or {})
     skipped: Counter = Counter()
     errors: dict[str, str] = {}
@@ -117,7 +123,8 @@ def evaluate(captioner: Captioner, shards: Sequence[str | Path], *, limit: int |
     if train_shards is not None:
         settings["train_limit"] = train_limit
         report["baselines"], retrieved = score_baselines(captioner, examples, train_shards, limit=train_limit,
-                                                         batch_size=batch_size, progress=progress)
+                                                         batch_size=batch_size, progress=progress,
+                                                         features=train_features)
         for sample, nearest in zip(samples, retrieved):
             sample["retrieved"] = nearest
     return {**report, "images": len(examples), "skipped": dict(skipped), "first_errors": errors,
@@ -126,10 +133,13 @@ def evaluate(captioner: Captioner, shards: Sequence[str | Path], *, limit: int |
 
 
 def score_baselines(captioner: Captioner, examples: Sequence[CaptionExample], train_shards: Sequence[str | Path], *,
-                    limit: int | None = None, batch_size: int = 32, progress: bool = True) -> tuple[dict, list[dict]]:
+                    limit: int | None = None, batch_size: int = 32, progress: bool = True,
+                    features: FeatureStore | None = None) -> tuple[dict, list[dict]]:
     """Metrics of the most frequent training caption and of nearest-neighbour caption retrieval by the
     model's vision tower, on `examples`; training samples are read from `train_shards` (at most
     `limit`) by the reader used for validation, streamed, so only their embeddings are kept.
+    With `features` (a cache of this tower's outputs, `vlm features build`), the training images'
+    embeddings are pooled from the cache instead of running the tower over them.
 
     Returns the report's "baselines" section and, per example, the training image retrieved for it
     ({"key", "caption", "similarity"})."""
@@ -147,8 +157,13 @@ def score_baselines(captioner: Captioner, examples: Sequence[CaptionExample], tr
             yield example.image
 
     start = time.perf_counter()
-    train_features = embed_images(captioner.model, train_images(), batch_size=batch_size, total=limit,
-                                  progress=progress, desc="embedding train images")
+    if features is not None:
+        train_features = _cached_embeddings(features, caption_examples(train_shards, limit=limit, skipped=skipped,
+                                                                       errors=errors), train_keys, train_captions,
+                                            all_captions)
+    else:
+        train_features = embed_images(captioner.model, train_images(), batch_size=batch_size, total=limit,
+                                      progress=progress, desc="embedding train images")
     if not train_keys:
         first = "".join(f"; first {reason}: {message}" for reason, message in errors.items())
         raise UserError(f"no caption samples in the training shards {[str(s) for s in train_shards][:3]} "
@@ -173,6 +188,22 @@ def score_baselines(captioner: Captioner, examples: Sequence[CaptionExample], tr
     per_example = [{"key": train_keys[i], "caption": train_captions[i], "similarity": round(s, 6)}
                    for i, s in zip(nearest[:, 0].tolist(), similarity[:, 0].tolist())]
     return section, per_example
+
+
+def _cached_embeddings(features: FeatureStore, examples: Iterator[CaptionExample], keys: list[str],
+                       captions: list[str], all_captions: list[str]) -> torch.Tensor:
+    rows = []
+    for example in examples:
+        try:
+            tokens = features.get(example.key, example.member)
+        except SampleError:
+            raise UserError(f"--features {features.root} has no features for training sample {example.key!r}: "
+                            "build the cache over the --train shards") from None
+        keys.append(example.key)
+        captions.append(example.references[0])
+        all_captions.extend(example.references)
+        rows.append(pool_tokens(tokens[None]))
+    return torch.cat(rows) if rows else torch.zeros(0, int(features.fingerprint["dim"]))
 
 
 def write_report(report: dict, out: str | Path, *, grid_images: int = 16) -> tuple[Path, Path]:
@@ -211,6 +242,9 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="training caption shards (paths or globs) the baselines draw their captions from")
     parser.add_argument("--train-limit", type=int, default=None, metavar="N",
                         help="read at most this many training images for the baselines (default: all)")
+    parser.add_argument("--features", default=None, metavar="DIR",
+                        help="a feature cache of the model's tower over the --train shards (vlm features build): "
+                             "retrieval reads the training images' embeddings from it instead of running the tower")
     return parser
 
 
@@ -265,9 +299,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         missing = [s for s in shards if not Path(s).is_file()]
         if not shards or missing:
             raise FileNotFoundError(f"no shard at {missing[:3] or args.data}")
-        report = evaluate(Captioner.from_directory(args.model), shards, limit=args.limit, batch_size=args.batch_size,
+        if args.features and not args.baselines:
+            raise UserError("--features is only used by the retrieval baseline; add --baselines --train TRAIN_SHARDS")
+        captioner = Captioner.from_directory(args.model)
+        store = None
+        if args.features:
+            dtype = next(captioner.model.vision.parameters()).dtype
+            precision = {torch.bfloat16: "bf16-true", torch.float16: "16-true"}.get(dtype, "32-true")
+            store = FeatureStore(args.features, expected=fingerprint(captioner.model, precision))
+        report = evaluate(captioner, shards, limit=args.limit, batch_size=args.batch_size,
                           max_new_tokens=args.max_new_tokens, search=search, train_shards=train_shards,
-                          train_limit=args.train_limit)
+                          train_limit=args.train_limit, train_features=store)
     except (FileNotFoundError, ValueError, UserError) as err:
         print(f"vlm evaluate: {err}", file=sys.stderr)
         return 2

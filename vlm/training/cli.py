@@ -251,6 +251,8 @@ def quiet_startup() -> None:
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     # CaptionWriter keys predictions by sample key, not by Lightning's batch indices
     warnings.filterwarnings("ignore", message=r"Couldn't infer the batch indices fetched from your dataloader")
+    # a frozen vision tower stays in eval mode on purpose (VisionEncoder.train); the parameter table says so
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 
 def _is_launcher_process() -> bool:

@@ -17,10 +17,12 @@ from typing import Any
 import lightning as L
 
 from vlm.data.collate import Collator
-from vlm.errors import UserError
 from vlm.data.corpus import write_corpus
+from vlm.data.features import FeatureStore
 from vlm.data.pipeline import PipelineConfig, SkipCounter, build_dataloader, expand_shards
 from vlm.data.shapes import VARIANTS, make_shapes_dataset
+from vlm.errors import UserError
+from vlm.features import check_cacheable, fingerprint
 from vlm.text.chat import ChatTemplate
 from vlm.text.tokenizer import Tokenizer
 
@@ -49,6 +51,10 @@ class VLMDataModule(L.LightningDataModule):
         tokenizer: a tokenizer.json; trained on the training text (`tokenizer_vocab_size`) if missing.
         shapes: when set, the synthetic shapes set is generated first if its manifest is missing.
         handler: "skip" (count and drop bad samples) or "strict" (raise naming shard and key).
+        features: a cache of the frozen vision tower's outputs over the training shards (made by
+            `vlm features build`): training reads them instead of running the tower. Refused when
+            the tower trains, the train transform is random, or the cache was made by another
+            tower, checkpoint, image size or precision. Validation still runs the tower on images.
     """
 
     def __init__(
@@ -69,6 +75,7 @@ class VLMDataModule(L.LightningDataModule):
         shuffle_buffer: int = 1000,
         handler: str = "skip",
         max_skip_fraction: float = 0.05,
+        features: str | None = None,
     ) -> None:
         super().__init__()
         self.train_patterns, self.val_patterns = train_shards, val_shards
@@ -78,6 +85,7 @@ class VLMDataModule(L.LightningDataModule):
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.num_workers, self.max_length, self.seed = num_workers, max_length, seed
         self.shuffle_buffer, self.handler, self.max_skip_fraction = shuffle_buffer, handler, max_skip_fraction
+        self.features = features
         self.tokenizer: Tokenizer | None = None
         self.skips = SkipCounter()
         self.batches_consumed = 0  # advanced by the LightningModule, saved in checkpoints
@@ -147,16 +155,24 @@ class VLMDataModule(L.LightningDataModule):
     def _loader(self, patterns, what: str, *, train: bool):
         model = self.trainer.lightning_module.model
         self.check_model(model)
+        features = self._feature_store(model) if train and self.features else None
         collator = Collator(pad_id=self.tokenizer.pad_id, image_id=self.tokenizer.image_id,
-                            image_token_count=model.tokens_per_image, max_length=self.max_length)
+                            image_token_count=model.tokens_per_image, max_length=self.max_length,
+                            features=features is not None)
         shards = self._shards(patterns, what)
         config = PipelineConfig(shards=shards, batch_size=self.batch_size if train else self.val_batch_size,
                                 seed=self.seed, shuffle=train, shuffle_buffer=self.shuffle_buffer, resampled=train,
                                 handler=self.handler, max_skip_fraction=self.max_skip_fraction)
         workers = self.num_workers if train else min(self.num_workers, len(shards))
         rank, world = self.trainer.global_rank, self.trainer.world_size
-        return build_dataloader(config, ChatTemplate(self.tokenizer), transform=model.vision.transform, collator=collator,
-                                num_workers=workers, counter=self.skips if train else None, rank=rank, world_size=world)
+        transform = model.vision.train_transform if train else model.vision.transform
+        return build_dataloader(config, ChatTemplate(self.tokenizer), transform=transform, collator=collator,
+                                num_workers=workers, counter=self.skips if train else None, rank=rank, world_size=world,
+                                features=features)
+
+    def _feature_store(self, model: Any) -> FeatureStore:
+        check_cacheable(model)
+        return FeatureStore(self.features, expected=fingerprint(model, self.trainer.precision))
 
     def train_dataloader(self):
         return ResumedLoader(self._loader(self.train_patterns, "train_shards", train=True), self._take_resume_skip)

@@ -35,6 +35,8 @@ class VLMModule(L.LightningModule):
         activation_checkpointing: recompute each block's activations in backward (any strategy).
         caption_samples: validation rows whose captions are generated for the metrics and grid.
         max_new_tokens: generation length for those captions.
+        label_smoothing: spread this much of each training target over the whole vocabulary (the
+            training loss only; validation reports the plain next-token loss).
     """
 
     def __init__(
@@ -51,6 +53,7 @@ class VLMModule(L.LightningModule):
         activation_checkpointing: bool = False,
         caption_samples: int = 64,
         max_new_tokens: int = 32,
+        label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
         self.config = config
@@ -60,6 +63,9 @@ class VLMModule(L.LightningModule):
         self.max_nonfinite = max_nonfinite
         self.activation_checkpointing = activation_checkpointing
         self.caption_samples, self.max_new_tokens = caption_samples, max_new_tokens
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"model.label_smoothing must be in [0, 1), got {label_smoothing!r}")
+        self.label_smoothing = label_smoothing
         # Plain values only, so that checkpoints load with weights_only=True.
         self.save_hyperparameters({"config": config.to_dict(), "stage": stage, "include": self.include,
                                    "exclude": self.exclude, "optim": asdict(self.optim)})
@@ -109,7 +115,7 @@ class VLMModule(L.LightningModule):
         return self.model(batch, **kwargs)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
-        loss = self.model(batch, return_logits=False).loss
+        loss = self.model(batch, return_logits=False, label_smoothing=self.label_smoothing).loss
         finite = bool(torch.isfinite(loss))
         finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
         if not finite:

@@ -1,9 +1,16 @@
-"""Any timm model as a vision encoder: patch tokens of one block via ``forward_intermediates``."""
+"""Any timm model as a vision encoder: patch tokens of one block via ``forward_intermediates``.
+
+Checkpoints load in timm's own layout, or for timm's EfficientNets in the layout of lukemelas'
+EfficientNet-PyTorch (``_conv_stem``, ``_blocks.N._expand_conv``, ...), renamed by
+``efficientnet_pytorch_to_timm``.
+"""
 
 from __future__ import annotations
 
 import inspect
 import os
+import re
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import timm
@@ -14,6 +21,21 @@ from torch import nn
 
 from vlm.vision.base import (ImageTransform, VisionConfig, VisionEncoder, load_state_dict_checked,
                              read_state_dict, register, unknown_model_error)
+
+# EfficientNet-PyTorch -> timm EfficientNet names: the modules around the blocks ...
+_EFFNET_PYTORCH_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
+                       "_fc": "classifier"}
+# ... and inside a block, by timm block kind: a block without expansion (the first one of B0 and
+# Lite0) is timm's DepthwiseSeparableConv, whose norms are bn1/bn2 where the others have bn2/bn3
+_SE = {"_se_reduce": "se.conv_reduce", "_se_expand": "se.conv_expand"}
+_EFFNET_PYTORCH_BLOCK = {
+    "depthwise_separable": {"_depthwise_conv": "conv_dw", "_bn1": "bn1", **_SE, "_project_conv": "conv_pw",
+                            "_bn2": "bn2"},
+    "inverted_residual": {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+                          **_SE, "_project_conv": "conv_pwl", "_bn2": "bn3"},
+}
+_EFFNET_PYTORCH_KEY = re.compile(r"^_blocks\.(\d+)\.(_\w+)\.(.+)$")  # _blocks.N.<module>.<tensor>
+_TIMM_BLOCK_KEY = re.compile(r"^(blocks\.(\d+)\.(\d+))\.")  # blocks.<stage>.<index>.
 
 
 @register("timm")
@@ -37,11 +59,12 @@ class TimmEncoder(VisionEncoder):
         super().__init__()
         if not (hasattr(model, "forward_intermediates") and hasattr(model, "prune_intermediate_layers")):
             raise ValueError(f"timm model {type(model).__name__} has no forward_intermediates")
-        full_keys = set(model.state_dict())
+        full_keys = frozenset(model.state_dict())
         try:
             self._indices = model.prune_intermediate_layers([feature_layer], prune_norm=True, prune_head=True)
         except AssertionError as err:  # timm's range check
             raise ValueError(f"feature_layer={feature_layer} does not exist in {type(model).__name__}: {err}") from err
+        self._full_keys = full_keys  # the unpruned architecture, which checkpoints in other layouts map onto
         # keys a full checkpoint of this architecture has but the pruned model does not use
         self._unused_keys = frozenset(full_keys - set(model.state_dict()))
         self.model = model
@@ -76,8 +99,59 @@ class TimmEncoder(VisionEncoder):
         return tokens.contiguous()
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
-        """Load a timm state dict (as timm saves it, head included or not) into the tower."""
-        load_state_dict_checked(self.model, read_state_dict(path), source=str(path), ignore=self._unused_keys)
+        """Load a timm state dict (as timm saves it, head included or not) into the tower, or an
+        EfficientNet-PyTorch one into a timm EfficientNet (``efficientnet_pytorch_to_timm``)."""
+        state = read_state_dict(path)
+        if is_efficientnet_pytorch_layout(state):
+            if not _timm_efficientnet_blocks(self._full_keys):
+                raise ValueError(f"checkpoint {path} is in the EfficientNet-PyTorch layout (_conv_stem, _blocks.N), "
+                                 f"but timm model {type(self.model).__name__} is not an EfficientNet with "
+                                 "depthwise-separable / inverted-residual blocks")
+            state = efficientnet_pytorch_to_timm(state, self._full_keys)
+        load_state_dict_checked(self.model, state, source=str(path), ignore=self._unused_keys)
+
+
+def is_efficientnet_pytorch_layout(state: Mapping[str, Any]) -> bool:
+    """Whether a state dict uses lukemelas' EfficientNet-PyTorch names (``_conv_stem``, ``_blocks.N``)."""
+    return "_conv_stem.weight" in state and any(key.startswith("_blocks.") for key in state)
+
+
+def efficientnet_pytorch_to_timm(state: Mapping[str, torch.Tensor],
+                                 timm_keys: Collection[str]) -> dict[str, torch.Tensor]:
+    """Rename an EfficientNet-PyTorch state dict to the timm EfficientNet whose keys are ``timm_keys``.
+
+    Block ``N`` of the checkpoint is the N-th block of the timm model in stage order; its tensors
+    are renamed by name with the rules of that timm block's kind. Keys no rule covers (another
+    block kind, more blocks than the model has) are kept as they are, so that the strict load names
+    them; shapes are checked there too.
+    """
+    blocks = _timm_efficientnet_blocks(timm_keys)
+    renamed = {}
+    for key, tensor in state.items():
+        top, _, rest = key.partition(".")
+        if top in _EFFNET_PYTORCH_TOP:
+            key = f"{_EFFNET_PYTORCH_TOP[top]}.{rest}"
+        elif (match := _EFFNET_PYTORCH_KEY.match(key)) and int(match[1]) < len(blocks):
+            prefix, kind = blocks[int(match[1])]
+            module = _EFFNET_PYTORCH_BLOCK[kind].get(match[2])
+            key = f"{prefix}.{module}.{match[3]}" if module else key
+        renamed[key] = tensor
+    return renamed
+
+
+def _timm_efficientnet_blocks(timm_keys: Collection[str]) -> list[tuple[str, str]]:
+    """``[("blocks.<stage>.<index>", kind), ...]`` in stage order, for the blocks the rules know."""
+    prefixes = sorted({(int(m[2]), int(m[3]), m[1]) for key in timm_keys if (m := _TIMM_BLOCK_KEY.match(key))})
+    blocks = []
+    for _, _, prefix in prefixes:
+        has = {name for name in ("conv_pw", "conv_dw", "conv_pwl") if f"{prefix}.{name}.weight" in timm_keys}
+        if has == {"conv_pw", "conv_dw", "conv_pwl"}:
+            blocks.append((prefix, "inverted_residual"))
+        elif has == {"conv_pw", "conv_dw"}:
+            blocks.append((prefix, "depthwise_separable"))
+        else:  # e.g. EfficientNetV2's EdgeResidual: no rules, and no later block may be numbered past it
+            return []
+    return blocks
 
 
 def create_timm_model(config: VisionConfig) -> nn.Module:

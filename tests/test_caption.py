@@ -10,7 +10,7 @@ from vlm.caption import Captioner, read_image, resolution_warning
 from vlm.cli import main as vlm_main
 from vlm.data.decode import DEFAULT_MAX_PIXELS
 from vlm.export import save_model
-from vlm.vision.base import ImageTransform
+from vlm.vision.transform import ImageTransform
 
 COLOURS = [(255, 0, 0), (0, 128, 255), (20, 200, 40), (250, 250, 10), (90, 0, 90)]
 

@@ -32,7 +32,7 @@ from vlm.fusion import build_fusion
 from vlm.model import VisionLanguageModel, VLMConfig
 from vlm.text.tokenizer import Tokenizer
 from vlm.vision import build_vision_encoder
-from vlm.vision.base import load_state_dict_checked
+from vlm.vision.checkpoint import load_state_dict_checked
 
 FORMAT = "vlm"
 FORMAT_VERSION = 1

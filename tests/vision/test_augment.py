@@ -10,7 +10,7 @@ from PIL import Image
 from torch import nn
 
 from vlm.vision import AugmentConfig, VisionConfig, VisionEncoder, build_vision_encoder
-from vlm.vision.base import RandomAreaCrop
+from vlm.vision.augment import RandomAreaCrop
 
 CLIP_VISION = {"width": 64, "layers": 2, "patch_size": 8, "image_size": 32, "head_width": 32}
 CLIP_TINY = {"embed_dim": 16, "vision_cfg": CLIP_VISION}

@@ -22,8 +22,9 @@ from open_clip.model import CLIPVisionCfg, _build_vision_tower
 from open_clip.transform import PreprocessCfg
 from torch import nn
 
-from vlm.vision.base import (ImageTransform, VisionConfig, VisionEncoder, load_state_dict_checked,
-                             read_state_dict, register, unknown_model_error)
+from vlm.vision.base import VisionConfig, VisionEncoder, register, unknown_model_error
+from vlm.vision.checkpoint import load_state_dict_checked, read_state_dict
+from vlm.vision.transform import ImageTransform
 
 _MODEL_KWARGS = ("embed_dim", "quick_gelu", "vision_cfg", "preprocess_cfg")
 _VISUAL_PREFIX = "visual."  # full open_clip checkpoints hold the image tower under this prefix

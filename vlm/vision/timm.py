@@ -19,8 +19,9 @@ from timm.data import create_transform, resolve_model_data_config
 from timm.models import get_pretrained_cfg
 from torch import nn
 
-from vlm.vision.base import (ImageTransform, VisionConfig, VisionEncoder, load_state_dict_checked,
-                             read_state_dict, register, unknown_model_error)
+from vlm.vision.base import VisionConfig, VisionEncoder, register, unknown_model_error
+from vlm.vision.checkpoint import load_state_dict_checked, read_state_dict
+from vlm.vision.transform import ImageTransform
 
 # EfficientNet-PyTorch -> timm EfficientNet names: the modules around the blocks ...
 _EFFNET_PYTORCH_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",

@@ -4,6 +4,7 @@
     python scripts/bench.py llava       # LLaVA train step and generation vs transformers.LlavaForConditionalGeneration
     python scripts/bench.py flamingo    # deep fusion vs transformers' Idefics v1 (IdeficsForVisionText2Text)
     python scripts/bench.py fusion      # LLaVA vs Flamingo: same backbone, shapes data and steps
+    python scripts/bench.py features    # emoji recipe train step: cached tower features vs the frozen tower
     python scripts/bench.py all         # every benchmark at its defaults
     python scripts/bench.py llama --threads 2 --json benchmarks/results/llama.json
     python scripts/bench.py llava --profile --compile   # + side-by-side torch.profiler tables, torch.compile
@@ -682,9 +683,66 @@ def plot_losses(runs: dict, path: Path) -> Path:
 
 
 
+# --- features: a train step from cached tower outputs vs running the frozen tower ----------------
+
+def bench_features(args: argparse.Namespace) -> dict:
+    """One optimizer step of configs/emoji.yaml (frozen 224 px EfficientNet-Lite0, stage instruct),
+    from cached features ("ours") vs running the frozen tower on pixels ("theirs"), per fusion.
+    The two must give the same loss (1e-6) on the same batch before a ratio is reported."""
+    from vlm.model import ModelInput, VLMConfig, build_model
+    from vlm.stages import set_trainable
+
+    recipe = load_yaml("configs/emoji.yaml")
+    base = recipe["model"]["config"]
+    vision = {**base["vision"], "checkpoint_path": None, "image_size": args.image_size}  # timing needs no weights
+    rows, timings, worst = [], {}, {}
+    for name in ("llava", "flamingo"):
+        fusion = load_yaml(f"configs/fusion/{name}.yaml")["model"]["config"]["fusion"]
+        torch.manual_seed(args.seed)
+        model = build_model(VLMConfig.from_dict({**base, "vision": vision, "fusion": fusion}))
+        set_trainable(model, recipe["model"]["stage"])
+        model.train()
+        generator = torch.Generator().manual_seed(args.seed)
+        pixels = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=generator)
+        per_image = model.tokens_per_image
+        ids = torch.randint(10, base["text"]["vocab_size"], (args.batch, 1 + per_image + args.text_tokens), generator=generator)
+        ids[:, 1:1 + per_image] = base["image_token_id"]
+        labels = ids.clone()
+        labels[:, :1 + per_image] = -100
+        owners = torch.arange(args.batch)
+        with torch.no_grad():
+            features = model.vision(pixels)
+        batches = {"ours": ModelInput(ids, torch.ones_like(ids), None, owners, labels, image_features=features),
+                    "theirs": ModelInput(ids, torch.ones_like(ids), pixels, owners, labels)}
+        losses = {}
+        for side, batch in batches.items():
+            torch.manual_seed(args.seed)  # the same dropout masks on both sides
+            losses[side] = float(model(batch, return_logits=False).loss)
+        if abs(losses["ours"] - losses["theirs"]) > 1e-6:
+            raise RuntimeError(f"{name}: loss from cached features {losses['ours']} vs tower {losses['theirs']}")
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def step(batch: ModelInput) -> None:
+            train_step(model, lambda: model(batch, return_logits=False).loss)
+            optimizer.step()
+
+        t = interleaved({side: (lambda b=batch: step(b)) for side, batch in batches.items()},
+                        warmup=1, repeats=args.repeats)
+        # the target counts only if the slowest cached step still beats the fastest tower step by it
+        worst[name] = min(r for r, _ in t.raw["theirs"]) / max(r for r, _ in t.raw["ours"])
+        rows.append((f"{name} train steps/s", *throughput_row("", 1.0, t, args.target)[1:]))
+        timings[name] = t
+        print(f"{name}: slowest cached step {worst[name]:.1f}x faster than the fastest tower step "
+              f"(target {args.target:.0f}x: {'met' if worst[name] >= args.target else 'MISSED'})", flush=True)
+    print_table(f"train step, batch {args.batch}, {args.image_size} px, 1 + {per_image} + {args.text_tokens} tokens",
+                rows, ours="cached", theirs="tower")
+    return {"config": config_json(args), "rows": rows_json(rows, theirs="tower"), "worst_ratio": worst,
+            "target_met": all(w >= args.target for w in worst.values()), "timings": timings_json(**timings)}
+
+
 # --- command line ------------------------------------------------------------------------------
 
-BENCHMARKS = ("llama", "llava", "flamingo", "fusion")
+BENCHMARKS = ("llama", "llava", "flamingo", "fusion", "features")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -717,11 +775,18 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in ("--dim", "--layers"):
         fusion.add_argument(flag, type=int, default=None, help="override the text backbone of configs/shapes.yaml")
     fusion.set_defaults(func=bench_fusion)
+    features = sub.add_parser("features", help="emoji recipe train step: cached tower features vs the frozen tower")
+    features.add_argument("--batch", type=int, default=32)
+    features.add_argument("--image-size", type=int, default=224)
+    features.add_argument("--text-tokens", type=int, default=12, help="caption tokens after the image, per row")
+    features.add_argument("--target", type=float, default=5.0, help="cached must be this much faster (slowest repeat)")
+    features.add_argument("--seed", type=int, default=0)
+    features.set_defaults(func=bench_features)
     every = sub.add_parser("all", help="every benchmark at its defaults, one after the other")
-    for p in (llama, llava, flamingo, fusion, every):
+    for p in (llama, llava, flamingo, fusion, features, every):
         p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: see the module docstring)")
         p.add_argument("--out-dir", type=Path, default=RESULTS, help="where <name>.json (and plots) go")
-    for p in (llama, llava, flamingo, fusion):
+    for p in (llama, llava, flamingo, fusion, features):
         p.add_argument("--repeats", type=int, default=5, help="timed runs per side (median reported)")
         p.add_argument("--json", type=Path, default=None, help="write the results here instead of OUT_DIR/<name>.json")
     for p in (llama, llava, flamingo):

@@ -17,6 +17,7 @@ TINY = {
     "llava": [*TEXT, "--kv-heads", "2", *VISION],
     "flamingo": [*TEXT, *VISION, "--latents", "4", "--resampler-depth", "1"],
     "fusion": ["--steps", "3", "--batch", "2", "--eval-images", "2", "--dim", "32", "--layers", "1"],
+    "features": ["--batch", "2", "--image-size", "32", "--text-tokens", "4", "--target", "1.0"],
 }
 
 
@@ -93,3 +94,13 @@ def test_check_close_refuses_different_models(bench):
     bench.check_close("loss", 2.0, 2.0005)
     with pytest.raises(RuntimeError, match="not equivalent"):
         bench.check_close("loss", 2.0, 2.1)
+
+
+def test_features_benchmark_times_cached_against_tower_steps(bench, tmp_path, capsys):
+    assert bench.main(["features", *TINY["features"], "--repeats", "2", "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"llava: slowest cached step [\d.]+x faster than the fastest tower step", out)
+    result = json.loads((tmp_path / "features.json").read_text())
+    assert [row["metric"] for row in result["rows"]] == ["llava train steps/s", "flamingo train steps/s"]
+    assert set(result["worst_ratio"]) == {"llava", "flamingo"} and all(r > 0 for r in result["worst_ratio"].values())
+    assert all(len(runs) == 2 for t in result["timings"].values() for runs in t["runs_wall_cpu_s"].values())

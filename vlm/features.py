@@ -136,7 +136,7 @@ def build_features(model: torch.nn.Module, shards: Sequence[str | Path], out: st
     try:
         with tqdm(total=_sample_count(shards), unit="sample", desc="features", disable=not progress) as bar:
             for shard in shards:
-                record = out / f"{shard_id(shard)}.json"
+                record = out / f"{shard_id(shard)}.shard.json"
                 if record.is_file():
                     report.shards_kept += 1
                     bar.update(json.loads(record.read_text())["samples"])
@@ -158,8 +158,8 @@ def _prepare_directory(out: Path, expected: dict[str, Any], *, overwrite: bool) 
         raise UserError(f"--out {out} exists and is not a feature cache; choose an empty folder or add --overwrite")
     out.mkdir(parents=True, exist_ok=True)
     if overwrite:
-        for stale in [*out.glob("*.safetensors"), *out.glob("*.json")]:
-            stale.unlink()
+        for stale in [*out.glob("*.safetensors"), *out.glob("*.shard.json"), out / FINGERPRINT_FILE]:
+            stale.unlink(missing_ok=True)
     _write_atomic(path, json.dumps(expected, indent=1, sort_keys=True).encode())
 
 
@@ -217,7 +217,7 @@ def _build_shard(model, shard: str, out: Path, *, precision, batch_size: int, ba
     flush()
     report.samples += samples
     record = {"shard": str(Path(shard).resolve()), "samples": samples, "parts": parts}
-    _write_atomic(out / f"{name}.json", json.dumps(record, indent=1).encode())
+    _write_atomic(out / f"{name}.shard.json", json.dumps(record, indent=1).encode())
 
 
 def _encode(model, pixels: torch.Tensor, precision, dtype: torch.dtype) -> torch.Tensor:

@@ -137,3 +137,27 @@ def test_beam_search_options_are_passed_through_and_recorded(shards, model_dir, 
     images = [e.image for e in caption_examples(sorted((shards / "caption").glob("val-*.tar")), limit=3)]
     expected = Captioner.from_directory(model_dir).caption(images, max_new_tokens=4, batch_size=32, **beams)
     assert [s["prediction"] for s in report["samples"]] == expected
+
+
+def test_cli_baselines_from_a_feature_cache_equal_running_the_tower(shards, model_dir, tmp_path, capsys):
+    from vlm.export import load_model
+    from vlm.features import build_features
+
+    val, train = str(shards / "caption" / "val-*.tar"), str(shards / "caption" / "train-*.tar")
+    model = load_model(model_dir).requires_grad_(False)
+    build_features(model, sorted((shards / "caption").glob("train-*.tar")), tmp_path / "cache", progress=False)
+    reports = {}
+    for name, extra in (("tower", []), ("cached", ["--features", str(tmp_path / "cache")])):
+        assert main(["evaluate", "--model", str(model_dir), "--data", val, "--max-new-tokens", "1", "--baselines",
+                     "--train", train, "--out", str(tmp_path / name), *extra]) == 0
+        reports[name] = json.loads((tmp_path / name / "report.json").read_text())
+    assert reports["cached"]["baselines"]["retrieval"] == reports["tower"]["baselines"]["retrieval"]
+    for ours, theirs in zip(reports["cached"]["samples"], reports["tower"]["samples"]):
+        assert ours["retrieved"]["key"] == theirs["retrieved"]["key"]
+        assert abs(ours["retrieved"]["similarity"] - theirs["retrieved"]["similarity"]) <= 1e-5
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(model_dir), "--data", val, "--features", str(tmp_path / "cache")]) == 2
+    assert "--features is only used by the retrieval baseline" in capsys.readouterr().err
+    assert main(["evaluate", "--model", str(model_dir), "--data", val, "--baselines", "--train", val,
+                 "--features", str(tmp_path / "cache")]) == 2  # the cache holds no val sample
+    assert "has no features for training sample" in capsys.readouterr().err

@@ -88,7 +88,7 @@ def test_build_resumes_after_an_interrupted_shard_and_keeps_finished_ones(tmp_pa
     cache = tmp_path / "cache"
     first = build_features(model, shards, cache, precision=precision, progress=False)
     assert (first.shards_built, first.shards_kept, first.samples) == (4, 0, 160)
-    records = sorted(p for p in cache.glob("*.json") if p.name != "fingerprint.json")
+    records = sorted(cache.glob("*.shard.json"))
     before = {p.name: p.read_bytes() for p in cache.glob("*.safetensors")}
     records[1].unlink()  # as if the build had stopped while writing that shard
     second = build_features(model, shards, cache, precision=precision, progress=False)
@@ -150,3 +150,13 @@ def test_overwrite_replaces_a_cache_of_another_fingerprint(tmp_path, shapes_dir,
     assert main(build_args(recipe, shapes_dir, cache, "--model.config.vision.image_size", "32", "--overwrite")) == 0
     assert json.loads((cache / "fingerprint.json").read_text())["image_size"] == 32
     assert "4 shard(s) built, 0 already done" in capsys.readouterr().out
+
+
+def test_a_random_train_transform_is_refused(tmp_path, shapes_dir, capsys):
+    recipe = frozen_recipe(tmp_path, shapes_dir)
+    cache = tmp_path / "cache"
+    assert main(build_args(recipe, shapes_dir, cache)) == 0  # augmentation is not in the fingerprint
+    capsys.readouterr()
+    assert main(fit_args(recipe, "llava", "--data.features", str(cache), "--overwrite",
+                         "--model.config.vision.augment", "{scale: [0.5, 1.0]}")) == 2
+    assert "the train image transform is random (model.config.vision.augment is set)" in capsys.readouterr().err

@@ -3,7 +3,7 @@
 Layout of a cache directory (written by `vlm features build`, read by `data.features`):
 
     fingerprint.json                    what made the features: tower config, weights hash, transform, dtype, shape
-    <shard>-<hash>.json                 one per finished shard: its parts, samples, skips (written last)
+    <shard>-<hash>.shard.json           one per finished shard: its parts, samples, skips (written last)
     <shard>-<hash>.<part>.safetensors   tensors named "<sample key>/<image member>", each [num_tokens, dim]
 
 A shard's record is written after all its parts, so a shard without one was interrupted and is
@@ -73,9 +73,7 @@ class FeatureStore:
         self.files: dict[str, str] = {}  # tensor name -> part file name
         self.members: dict[str, list[str]] = {}  # sample key -> its image members with features
         self.samples = 0
-        for record_path in sorted(self.root.glob("*.json")):
-            if record_path.name == FINGERPRINT_FILE:
-                continue
+        for record_path in sorted(self.root.glob("*.shard.json")):
             record = json.loads(record_path.read_text())
             self.samples += int(record["samples"])
             for part in record["parts"]:

@@ -42,10 +42,13 @@ _PACKAGE = str(Path(__file__).resolve().parent)
 
 
 def is_user_error(error: BaseException) -> bool:
-    """Errors a user fixes: UserError and missing/existing files anywhere, and the ValueError,
+    """Errors a user fixes: UserError and missing/existing files anywhere, Lightning's
+    MisconfigurationException (contradictory trainer settings), and the ValueError,
     KeyError or TypeError that vlm's own checks raise (validation of configs and inputs); the same
     types raised inside torch, Lightning or another library are bugs and keep their traceback."""
     if isinstance(error, (UserError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)):
+        return True
+    if type(error).__name__ == "MisconfigurationException":  # Lightning: trainer settings that contradict each other
         return True
     if not isinstance(error, (ValueError, KeyError, TypeError)) or error.__traceback__ is None:
         return False

@@ -75,3 +75,14 @@ def test_optimizer_flags_are_not_advertised(capsys):
     help_text = capsys.readouterr().out
     assert "--optimizer" not in help_text and "--lr_scheduler" not in help_text
     assert "--model.optim" in help_text and "--overwrite" in help_text
+
+
+def test_contradictory_trainer_settings_are_one_line(tmp_path, shapes_dir, capsys):
+    """Lightning's own configuration errors (here: a progress bar callback with the bar disabled)."""
+    recipe = tiny_recipe(tmp_path, shapes_dir)
+    spec = yaml.safe_load(recipe.read_text())
+    spec["trainer"]["callbacks"].append({"class_path": "vlm.training.StepProgressBar"})
+    spec["trainer"]["enable_progress_bar"] = False
+    recipe.write_text(yaml.safe_dump(spec))
+    assert main(fit_args(recipe, "llava")) == 2
+    assert "enable_progress_bar=False" in one_error_line(capsys)

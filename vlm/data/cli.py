@@ -1,9 +1,11 @@
-"""`vlm data ...`: make shards from synthetic shapes, emoji, COCO captions, LLaVA JSON or image folders.
+"""`vlm data ...`: make shards from synthetic shapes, emoji, COCO captions, LLaVA JSON, preference
+pairs JSON or image folders.
 
     vlm data shapes --out data/shapes --train 10000 --val 500 --seed 0
     vlm data emoji --out data/emoji --size 64 --seed 0  # apt-get install fonts-noto-color-emoji unicode-data
     vlm data from-coco --captions captions_train2017.json --images train2017 --out data/coco
     vlm data from-llava --json llava_v1_5_mix665k.json --images data/llava --out data/llava-shards
+    vlm data from-preference --json pairs.json --images data/pairs --out data/pairs-shards
     vlm data from-folder my_images --out data/mine
 
 Converters write train-*.tar (or val-*.tar with --split val, or both with --val-fraction F) and
@@ -20,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from vlm.data import convert, emoji, shapes
+from vlm.data import convert, emoji, preference, shapes
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -78,14 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "the same way")
 
     p = commands.add_parser("shapes", parents=[_shard_options(1000)],
-                            help="synthetic shapes: caption, chat and interleaved shards")
+                            help="synthetic shapes: caption, chat, interleaved (and preference) shards")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--train", type=int, default=10_000, help="samples per variant (train)")
     p.add_argument("--val", type=int, default=500, help="samples per variant (val)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=64, help="pixels, 64 to 96")
     p.add_argument("--variants", nargs="+", choices=list(shapes.VARIANTS),
-                   default=list(shapes.VARIANTS))
+                   default=list(shapes.DEFAULT_VARIANTS),
+                   help="default: %(default)s; preference (true vs one-attribute-wrong captions) on request")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all CPUs)")
 
     p = commands.add_parser("emoji", parents=[_shard_options(10_000)],
@@ -117,6 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=Path, default=None,
                    help="folder the 'image' paths are relative to (default: the JSON's folder)")
     p.add_argument("--out", type=Path, required=True)
+
+    p = commands.add_parser("from-preference", parents=[converter],
+                            help="preference pairs JSON: prompt, images, chosen and rejected answers")
+    p.add_argument("--json", type=Path, required=True,
+                   help="list of {image|images, prompt|question|conversations|messages, chosen, rejected}")
+    p.add_argument("--images", type=Path, default=None,
+                   help="folder the image paths are relative to (default: the JSON's folder)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--handler", choices=list(preference.HANDLERS), default="skip",
+                   help="skip: count bad records by reason (default); strict: stop at the first, exit 2")
 
     p = commands.add_parser("from-folder", parents=[converter],
                             help="images with same-stem .txt captions")
@@ -170,6 +183,9 @@ def _run_converter(args: argparse.Namespace) -> int:
     elif args.command == "from-llava":
         images = args.images if args.images is not None else args.json.parent
         summary = convert.convert_llava(args.json, images, args.out, **options)
+    elif args.command == "from-preference":
+        images = args.images if args.images is not None else args.json.parent
+        summary = preference.convert_preference(args.json, images, args.out, handler=args.handler, **options)
     else:
         summary = convert.convert_folder(args.folder, args.out, **options)
     print(f"{args.command}:\n{summary.describe()}")

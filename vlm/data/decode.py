@@ -47,6 +47,7 @@ SKIP_REASONS: tuple[str, ...] = (
     "image mismatch",  # image parts and image members disagree
     "bad sample",  # anything else about a sample's structure
     "no cached features",  # training from a feature cache that lacks this sample's image
+    "bad preference",  # a preference sample without two different answers after a user turn
 )
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp"})

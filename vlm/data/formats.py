@@ -1,5 +1,5 @@
-"""One function from a decoded sample of any kind (caption, chat, interleaved) to token ids, labels
-and images, using the chat template and the vision encoder's transform.
+"""One function from a decoded sample of any kind (caption, chat, interleaved, preference) to token
+ids, labels and images, using the chat template and the vision encoder's transform.
 
 Kinds (data/README.md; a sample's kind is read from its json member):
 - caption:     one image member (jpg|jpeg|png|webp) and a `txt` caption or json {"caption": str};
@@ -9,6 +9,9 @@ Kinds (data/README.md; a sample's kind is read from its json member):
 - interleaved: json {"segments": [{"type": "text", "text": str} | {"type": "image", "index": int}]};
                <|begin_of_text|> + segments + <|end_of_text|>, every text token and the
                <|end_of_text|> learned, <|begin_of_text|> and image tokens not.
+- preference:  json {"messages": [... up to the last user turn], "chosen": str, "rejected": str};
+               images as for chat. Encoded as an `EncodedPreference`: the prompt + each answer as an
+               assistant turn, only that answer (and its <|eot_id|>) learned.
 Each image becomes ONE <|image|> token here; the collator expands it.
 """
 
@@ -24,7 +27,7 @@ from PIL import Image
 from vlm.data.decode import IMAGE_EXTENSIONS, SampleError
 from vlm.text.chat import IGNORE_INDEX, ChatTemplate, count_images
 
-SAMPLE_KINDS = ("caption", "chat", "interleaved")
+SAMPLE_KINDS = ("caption", "chat", "interleaved", "preference")
 _INDEXED_IMAGE = re.compile(r"^(\d+)\.([a-z]+)$")
 
 
@@ -45,10 +48,38 @@ class EncodedSample:
     images: list[Any] = field(default_factory=list)
 
 
+@dataclass
+class EncodedPreference:
+    """One preference pair ready for the collator: a prompt and two answers to it.
+
+    Both sequences are the same rendered prompt followed by one answer as an assistant turn, so they
+    share their first tokens (images included) exactly and differ only after them.
+
+    Attributes:
+        key: the sample's `__key__`, for error messages.
+        chosen_ids, chosen_labels: prompt + preferred answer; labels IGNORE_INDEX except on the
+            answer's tokens and its closing <|eot_id|>.
+        rejected_ids, rejected_labels: the same prompt + the dispreferred answer, labelled likewise.
+        images: the prompt's images in order of appearance, once for the pair (PIL images, or
+            [3, H, W] tensors once transformed).
+    """
+
+    key: str
+    chosen_ids: list[int]
+    chosen_labels: list[int]
+    rejected_ids: list[int]
+    rejected_labels: list[int]
+    images: list[Any] = field(default_factory=list)
+
+
 def sample_kind(sample: Mapping[str, Any]) -> str:
-    """"chat" if the json member has "messages", "interleaved" if it has "segments", else "caption"."""
+    """"preference" if the json member has "chosen" or "rejected" (a sample with only one of them is
+    a bad preference sample, not a chat), "chat" if it has "messages", "interleaved" if it has
+    "segments", else "caption"."""
     meta = sample.get("json")
     if isinstance(meta, Mapping):
+        if "chosen" in meta or "rejected" in meta:
+            return "preference"
         if "messages" in meta:
             return "chat"
         if "segments" in meta:
@@ -61,20 +92,23 @@ def encode_sample(
     template: ChatTemplate,
     *,
     transform: Callable[[Image.Image], Any] | None = None,
-) -> EncodedSample:
-    """Token ids, labels and images of a decoded sample (see `vlm.data.decode.decode_sample`).
+) -> EncodedSample | EncodedPreference:
+    """Token ids, labels and images of a decoded sample (see `vlm.data.decode.decode_sample`);
+    an `EncodedPreference` for a preference sample, an `EncodedSample` for every other kind.
 
     Args:
         sample: {"__key__": str, member: decoded value, ...}.
         template: the chat template; its tokenizer encodes the text.
         transform: the vision encoder's transform (PIL image -> [3, H, W] tensor); None keeps PIL.
     Raises SampleError naming the key: "missing caption", "missing image", "image mismatch",
-    "bad sample".
+    "bad preference", "bad sample".
     """
     key = str(sample.get("__key__", "<no key>"))
     kind = sample_kind(sample)
     try:
-        if kind == "chat":
+        if kind == "preference":
+            pair, images = _encode_preference(sample, template)
+        elif kind == "chat":
             input_ids, labels, images = _encode_chat(sample, template)
         elif kind == "interleaved":
             input_ids, labels, images = _encode_interleaved(sample, template)
@@ -87,6 +121,8 @@ def encode_sample(
                           key=key, url=sample.get("__url__")) from None
     if transform is not None:
         images = [transform(image) for image in images]
+    if kind == "preference":
+        return EncodedPreference(key, *pair, images=images)
     return EncodedSample(key=key, input_ids=input_ids, labels=labels, images=images)
 
 
@@ -116,6 +152,33 @@ def _encode_chat(sample: Mapping[str, Any], template: ChatTemplate) -> tuple[lis
                           "image member(s) 0.<ext>, 1.<ext>, ...", reason="image mismatch")
     input_ids, labels = template.render(messages)
     return input_ids, labels, images
+
+
+def _encode_preference(sample: Mapping[str, Any], template: ChatTemplate) -> tuple[tuple[list[int], ...], list]:
+    """((chosen ids, chosen labels, rejected ids, rejected labels), images); labels only on the answer."""
+    meta = sample["json"]
+    messages, answers = meta.get("messages"), (meta.get("chosen"), meta.get("rejected"))
+    for name, answer in zip(("chosen", "rejected"), answers):
+        if not isinstance(answer, str) or not answer.strip():
+            raise SampleError(f"{name} must be a non-empty string, got {answer!r:.60}", reason="bad preference")
+    if answers[0] == answers[1]:
+        raise SampleError("chosen and rejected are the same answer", reason="bad preference")
+    if not isinstance(messages, list) or not messages or not isinstance(messages[-1], Mapping) \
+            or messages[-1].get("role") != "user":
+        raise SampleError("messages must be a non-empty list ending with a user turn (the prompt)",
+                          reason="bad preference")
+    images = _indexed_images(sample)
+    needed = count_images(messages)
+    if needed != len(images):
+        raise SampleError(f"the messages have {needed} image part(s) but the sample has {len(images)} "
+                          "image member(s) 0.<ext>, 1.<ext>, ...", reason="image mismatch")
+    prompt, _ = template.render(messages, add_generation_prompt=True)
+    pair = []
+    for answer in answers:
+        ids, labels = template.render([*messages, {"role": "assistant", "content": answer}])
+        assert ids[: len(prompt)] == prompt  # the template renders message by message
+        pair += [ids, [IGNORE_INDEX] * len(prompt) + labels[len(prompt):]]  # earlier assistant turns not learned
+    return tuple(pair), images
 
 
 def _encode_interleaved(sample: Mapping[str, Any], template: ChatTemplate) -> tuple[list[int], list[int], list]:

@@ -11,9 +11,11 @@ background channel is >= 190 while every palette colour has a channel <= 50, so 
 pixel never equals a shape colour. One image therefore has exactly one right caption (many
 images share a caption: vertical positions, exact spacing and backgrounds are not described).
 
-Three sample variants (formats in data/README.md): caption (one image + its caption), chat
-(one image + 1-3 questions with short, exactly determined answers) and interleaved (2-3 images,
-each followed by its caption). `make_shapes_dataset` writes them as shards. Sample `i` of a split
+Four sample variants (formats in data/README.md): caption (one image + its caption), chat
+(one image + 1-3 questions with short, exactly determined answers), interleaved (2-3 images,
+each followed by its caption) and preference (one image, the true caption chosen, the caption with
+exactly one attribute wrong rejected; written only when asked for). `make_shapes_dataset` writes
+them as shards. Sample `i` of a split
 depends only on `(seed, variant, split, i)`, so generation parallelises and the same seed gives
 byte-identical shards (with the same Pillow/zlib). Train and validation draw from different
 random streams: exact-duplicate captions across splits are expected (there are only so many),
@@ -155,7 +157,12 @@ def draw_scene(rng: random.Random, size: int = 64) -> tuple[Image.Image, Scene]:
 
 def caption(scene: Scene) -> str:
     """The canonical caption: shapes left to right, joined by "left of"."""
-    return " left of ".join(f"a {s.describe()}" for s in scene.shapes) + "."
+    return format_caption([(s.size, s.colour, s.kind) for s in scene.shapes])
+
+
+def format_caption(described: Sequence[tuple[str, str, str]]) -> str:
+    """`[(size, colour, kind), ...]` left to right -> caption; the inverse of `parse_caption`."""
+    return " left of ".join(f"a {size} {colour} {kind}" for size, colour, kind in described) + "."
 
 
 def parse_caption(text: str) -> list[tuple[str, str, str]]:
@@ -223,6 +230,40 @@ def questions(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
     return rng.sample(pool, rng.randint(1, 3))
 
 
+# --- wrong captions (preference variant) -------------------------------------------------------
+
+WRONG_ATTRIBUTES = ("colour", "kind", "size", "count", "order")
+_CHOICES = {"size": SIZES, "colour": tuple(COLOURS), "kind": KINDS}
+_FIELDS = ("size", "colour", "kind")  # the order of `parse_caption`'s tuples
+
+
+def wrong_caption(scene: Scene, rng: random.Random) -> tuple[str, str]:
+    """`(caption, attribute)`: the scene's caption with exactly one attribute wrong.
+
+    colour / kind / size: one shape gets another value; count: one shape removed (2-3 shapes) or
+    a random one inserted (1-2 shapes); order: two adjacent, different shapes swapped. The
+    attribute is drawn uniformly from those possible in the scene (order needs two different
+    neighbours), so `parse_caption` of the result differs from the scene in that attribute only.
+    """
+    described = [(s.size, s.colour, s.kind) for s in scene.shapes]
+    swappable = [i for i in range(len(described) - 1) if described[i] != described[i + 1]]
+    attribute = rng.choice([a for a in WRONG_ATTRIBUTES if a != "order" or swappable])
+    wrong = list(described)
+    if attribute in _CHOICES:
+        index, field = rng.randrange(len(wrong)), _FIELDS.index(attribute)
+        value = rng.choice([v for v in _CHOICES[attribute] if v != wrong[index][field]])
+        wrong[index] = tuple(value if f == field else v for f, v in enumerate(wrong[index]))
+    elif attribute == "count":
+        if len(wrong) == 3 or (len(wrong) == 2 and rng.random() < 0.5):
+            del wrong[rng.randrange(len(wrong))]
+        else:
+            wrong.insert(rng.randrange(len(wrong) + 1), tuple(rng.choice(_CHOICES[f]) for f in _FIELDS))
+    else:
+        index = rng.choice(swappable)
+        wrong[index], wrong[index + 1] = wrong[index + 1], wrong[index]
+    return format_caption(wrong), attribute
+
+
 # --- samples -----------------------------------------------------------------------------------
 
 def caption_sample(rng: random.Random, *, image_size: int = 64) -> dict:
@@ -258,7 +299,20 @@ def interleaved_sample(rng: random.Random, *, image_size: int = 64) -> dict:
     return sample
 
 
-VARIANTS = {"caption": caption_sample, "chat": chat_sample, "interleaved": interleaved_sample}
+def preference_sample(rng: random.Random, *, image_size: int = 64) -> dict:
+    """Preference format: `0.png`, `json` {"messages": user [image], "chosen": the caption,
+    "rejected": it with one attribute wrong, "wrong": that attribute, "scene"}."""
+    image, scene = draw_scene(rng, image_size)
+    rejected, attribute = wrong_caption(scene, rng)
+    messages = [{"role": "user", "content": [{"type": "image"}]}]  # the caption variant's prompt
+    return {"0.png": encode_png(image), "json": {"messages": messages, "chosen": caption(scene),
+                                                 "rejected": rejected, "wrong": attribute,
+                                                 "scene": scene.as_dict()}}
+
+
+VARIANTS = {"caption": caption_sample, "chat": chat_sample, "interleaved": interleaved_sample,
+            "preference": preference_sample}
+DEFAULT_VARIANTS = ("caption", "chat", "interleaved")  # written when no variant is named
 
 
 def make_sample(variant: str, *, seed: int, split: str, index: int, image_size: int = 64) -> dict:
@@ -290,7 +344,7 @@ def _write_split(writer: ShardWriter, tasks: list, pool, bar: tqdm) -> dict:
 
 
 def make_shapes_dataset(out: str | os.PathLike, train: int, val: int, seed: int, *,
-                        image_size: int = 64, variants: Sequence[str] = tuple(VARIANTS),
+                        image_size: int = 64, variants: Sequence[str] = DEFAULT_VARIANTS,
                         shard_size: int = 1000, shard_bytes: int = 1 << 30,
                         workers: int | None = None, overwrite: bool = False,
                         progress: bool = False) -> dict:

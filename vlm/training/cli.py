@@ -20,6 +20,7 @@ import re
 import shutil
 import sys
 import time
+import traceback
 import typing
 import warnings
 from pathlib import Path
@@ -68,6 +69,17 @@ class VLMCLI(LightningCLI):
             subcommand = next((a for a in (args or sys.argv[1:]) if not a.startswith("-")), "fit")
             raise UserError(explain_parse_error(captured.getvalue(), list(args or sys.argv[1:]), parser, subcommand)) from None
         sys.stderr.write(captured.getvalue())
+
+    def instantiate_classes(self) -> None:
+        """A dataclass-valued key (model.optim, model.preference) whose own validation fails is
+        that validation's one-line message, not jsonargparse's union error around a traceback."""
+        try:
+            super().instantiate_classes()
+        except ValueError as error:
+            cause = _own_validation_error(error)
+            if cause is None:
+                raise
+            raise UserError(str(cause)) from error
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--overwrite", action="store_true",
@@ -204,6 +216,19 @@ def explain_parse_error(output: str, args: list[str], parser, subcommand: str) -
     text = f"unknown key {key}" if unknown else f"{key}: " + message.removeprefix(f'Parser key "{key}": ')
     hint = f" (did you mean {close[0]}?)" if close else (f" (vlm {subcommand} --help lists every key)" if unknown else "")
     return f"{where}: {text}{hint}" if where else f"{text}{hint}"
+
+
+def _own_validation_error(error: BaseException) -> BaseException | None:
+    """The ValueError raised by vlm's own code (a config's __post_init__) behind `error`, if any."""
+    package = str(Path(__file__).resolve().parents[1])
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        frames = traceback.extract_tb(error.__traceback__) if error.__traceback__ else []
+        if isinstance(error, ValueError) and frames and frames[-1].filename.startswith(package):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _config_files(args: list[str]) -> list[str]:

@@ -20,7 +20,7 @@ from vlm.data.collate import Collator
 from vlm.data.corpus import write_corpus
 from vlm.data.features import FeatureStore
 from vlm.data.pipeline import PipelineConfig, SkipCounter, build_dataloader, expand_shards
-from vlm.data.shapes import VARIANTS, make_shapes_dataset
+from vlm.data.shapes import DEFAULT_VARIANTS, make_shapes_dataset
 from vlm.errors import UserError
 from vlm.features import check_cacheable, fingerprint
 from vlm.text.chat import ChatTemplate
@@ -31,14 +31,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ShapesSpec:
-    """Generate the synthetic shapes set under `out` when it is missing."""
+    """Generate the synthetic shapes set under `out` when it is missing (and add any of
+    `variants` that an existing set lacks)."""
 
     out: str = "data/shapes"
     train: int = 20000
     val: int = 500
     seed: int = 0
     image_size: int = 64
-    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
 
 
 class VLMDataModule(L.LightningDataModule):
@@ -93,11 +94,8 @@ class VLMDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Runs on one process: generate the shapes set and the tokenizer when missing."""
-        if self.shapes is not None and not (Path(self.shapes.out) / "manifest.json").exists():
-            s = self.shapes
-            log.info("generating the shapes dataset in %s", s.out)
-            make_shapes_dataset(s.out, s.train, s.val, s.seed, image_size=s.image_size, variants=s.variants,
-                                overwrite=True, progress=True)
+        if self.shapes is not None:
+            self._make_shapes(self.shapes)
         sources = self.tokenizer_path.with_suffix(".sources.json")
         if self.tokenizer_path.exists():
             fitting = self.trainer is None or self.trainer.state.fn == "fit"
@@ -116,6 +114,30 @@ class VLMDataModule(L.LightningDataModule):
         Tokenizer.train([corpus], self.tokenizer_vocab_size).save(self.tokenizer_path)
         sources.write_text(json.dumps([self._relative(s) for s in shards], indent=1))
 
+    @staticmethod
+    def _make_shapes(spec: ShapesSpec) -> None:
+        """The whole set when there is none; else only the variants it lacks (e.g. preference
+        pairs for DPO after supervised training on captions), with the same settings."""
+        manifest_path = Path(spec.out) / "manifest.json"
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
+        missing = [v for v in spec.variants if manifest is None or v not in manifest["variants"]]
+        if not missing:
+            return
+        if manifest is not None:
+            settings = {"seed": spec.seed, "image_size": spec.image_size, "splits": {"train": spec.train, "val": spec.val}}
+            differ = sorted(k for k, v in settings.items() if manifest.get(k) != v)
+            if differ:
+                raise UserError(f"data.shapes: {spec.out} lacks variant(s) {missing}, and its {', '.join(differ)} differ "
+                                f"from data.shapes ({settings}): delete {spec.out} or write the set elsewhere (data.shapes.out)")
+        log.info("generating the shapes dataset (%s) in %s", ", ".join(missing), spec.out)
+        made = make_shapes_dataset(spec.out, spec.train, spec.val, spec.seed, image_size=spec.image_size,
+                                   variants=missing, overwrite=True, progress=True)
+        if manifest is not None:  # make_shapes_dataset wrote a manifest of the new variants only
+            made = {**manifest, "variants": manifest["variants"] + missing, "counts": {**manifest["counts"], **made["counts"]}}
+            tmp = manifest_path.with_name("manifest.json.tmp")
+            tmp.write_text(json.dumps(made, indent=2) + "\n")
+            os.replace(tmp, manifest_path)
+
     def _check_tokenizer_sources(self, sources: Path) -> None:
         """A tokenizer vlm trained records its shards: reusing it for other data is an error, not a
         silent mismatch (a tokenizer given by the user, with no record, is used as it is)."""
@@ -123,6 +145,10 @@ class VLMDataModule(L.LightningDataModule):
             return
         trained_on = set(json.loads(sources.read_text()))
         ours = {self._relative(s) for s in self._shards(self.train_patterns, "train_shards")}
+        if self.shapes is not None:  # every variant of a shapes set has the vocabulary of its captions
+            root = self._relative(self.shapes.out) + os.sep
+            if any(path.startswith(root) for path in trained_on):
+                ours = {path for path in ours if not path.startswith(root)}
         if not ours <= trained_on:
             raise UserError(f"data.tokenizer {self.tokenizer_path} was trained on other shards ({sources.name} lists "
                             f"{len(trained_on)}, not {sorted(ours - trained_on)[0]}): give this data its own "

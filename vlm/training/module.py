@@ -13,10 +13,13 @@ import torch
 from vlm.errors import UserError
 from vlm.eval.metrics import caption_metrics
 from vlm.model import VisionLanguageModel, VLMConfig, build_model, is_sharded
+from vlm.objectives import PreferenceOutput
 from vlm.stages import set_trainable
 from vlm.training.optim import OptimConfig, build_optimizer
 from vlm.training.parallel import (apply_activation_checkpointing, apply_fsdp2, apply_tensor_parallel, blocks,
                                    unsharded_root)
+from vlm.training.preference import (CHECKPOINT_KEY, OBJECTIVES, FrozenReference, PreferenceConfig,
+                                     check_preference_batch, chosen_rows, preference_step, register_pair_forward)
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,9 @@ class VLMModule(L.LightningModule):
         max_new_tokens: generation length for those captions.
         label_smoothing: spread this much of each training target over the whole vocabulary (the
             training loss only; validation reports the plain next-token loss).
+        objective: `next_token` (the captions/answers' likelihood) or `dpo` (preference pairs against
+            a frozen copy of the starting model, see `vlm.training.preference`).
+        preference: the DPO-family loss settings when `objective` is dpo.
     """
 
     def __init__(
@@ -54,6 +60,8 @@ class VLMModule(L.LightningModule):
         caption_samples: int = 64,
         max_new_tokens: int = 32,
         label_smoothing: float = 0.0,
+        objective: str = "next_token",
+        preference: PreferenceConfig | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -66,10 +74,19 @@ class VLMModule(L.LightningModule):
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"model.label_smoothing must be in [0, 1), got {label_smoothing!r}")
         self.label_smoothing = label_smoothing
+        if objective not in OBJECTIVES:
+            raise ValueError(f"model.objective must be one of {list(OBJECTIVES)}, got {objective!r}")
+        if objective == "dpo" and label_smoothing:
+            raise ValueError("model.label_smoothing smooths the next-token loss; with model.objective dpo set it to 0 "
+                             "(model.preference.label_smoothing is conservative DPO)")
+        self.objective, self.preference = objective, preference or PreferenceConfig()
         # Plain values only, so that checkpoints load with weights_only=True.
         self.save_hyperparameters({"config": config.to_dict(), "stage": stage, "include": self.include,
-                                   "exclude": self.exclude, "optim": asdict(self.optim)})
+                                   "exclude": self.exclude, "optim": asdict(self.optim), "objective": objective,
+                                   "preference": asdict(self.preference)})
         self.model: VisionLanguageModel | None = None
+        self.reference: FrozenReference | None = None  # dpo: the starting model, frozen (not a submodule)
+        self._share_features = False
         self.nonfinite_steps = 0
         self._captions: list[tuple[torch.Tensor, str, str]] = []
         self.last_captions: list[tuple[torch.Tensor, str, str]] = []
@@ -78,50 +95,87 @@ class VLMModule(L.LightningModule):
         """Built here, not in __init__, so that sharding strategies can wrap it as it is created."""
         if self.model is not None:
             return
-        self.model = build_model(self.config)
+        model = build_model(self.config)
         if self.text_checkpoint:
-            self.model.load_text_backbone(self.text_checkpoint)
+            model.load_text_backbone(self.text_checkpoint)
         if self.init_checkpoint:
-            self.model.load_state_dict(initial_state(self.init_checkpoint, self.model.state_dict()), strict=True)
-        self.parameter_table = set_trainable(self.model, self.stage, include=self.include, exclude=self.exclude)
-        self._parallelize()
+            model.load_state_dict(initial_state(self.init_checkpoint, model.state_dict()), strict=True)
+        if self.objective == "dpo":
+            self.reference = FrozenReference(model)
+        self.parameter_table = set_trainable(model, self.stage, include=self.include, exclude=self.exclude)
+        tower_frozen = not any(p.requires_grad for p in model.vision.parameters())
+        self.model = self._parallelize(model, activation_checkpointing=self.activation_checkpointing)
+        if self.reference is not None:  # sharded the same way; nothing to recompute under no_grad
+            self.reference.model = self._parallelize(self.reference.model, activation_checkpointing=False)
+            register_pair_forward(self.model)
+            register_pair_forward(self.reference.model)
+            # Reusing the policy's features skips the reference's tower, which is only safe when
+            # every rank skips it: not when a rank without images must run it on a blank image.
+            self._share_features = tower_frozen and not self.model.blank_image_when_missing
 
-    def _parallelize(self) -> None:
+    def _parallelize(self, model: VisionLanguageModel, *, activation_checkpointing: bool) -> VisionLanguageModel:
         """Precision conversion, activation checkpointing and FSDP2, in the order they must happen."""
         trainer = self._trainer
         mesh = self.device_mesh
         if trainer is not None and trainer.world_size > 1:
             # DDP, FSDP1 and FSDP2 alike: a rank whose batch has no image still runs the tower and
             # fusion (on a blank image, with no effect), so every rank issues the same collectives.
-            self.model.blank_image_when_missing = True
+            model.blank_image_when_missing = True
         if mesh is not None and mesh["tensor_parallel"].size() > 1 and type(trainer.precision_plugin).__name__ == "Float8Precision":
             raise UserError("fp8 (configs/precision/fp8.yaml) does not combine with tensor parallelism "
                              "(tensor_parallel_size > 1): drop one of them")
         if mesh is not None:
             # Lightning converts after configure_model, too late for sharded modules (fp8 needs
             # plain tensors); converting now is idempotent for every vlm precision plugin.
-            self.model = trainer.precision_plugin.convert_module(self.model)
-        if self.activation_checkpointing:
-            apply_activation_checkpointing(blocks(self.model))
+            model = trainer.precision_plugin.convert_module(model)
+        if activation_checkpointing:
+            apply_activation_checkpointing(blocks(model))
         if mesh is not None:
             if mesh["tensor_parallel"].size() > 1:
-                apply_tensor_parallel(self.model.text, mesh["tensor_parallel"])
+                apply_tensor_parallel(model.text, mesh["tensor_parallel"])
             if mesh["tensor_parallel"].size() == 1 or mesh["data_parallel"].size() > 1:
                 # Also on one rank: the strategy's sharded checkpoints need DTensor parameters.
                 param_dtype = torch.bfloat16 if str(trainer.precision).startswith("bf16") else None
-                apply_fsdp2(self.model, mesh["data_parallel"], param_dtype=param_dtype)
+                apply_fsdp2(model, mesh["data_parallel"], param_dtype=param_dtype)
+        return model
+
+    def _preference_step(self, batch: Any) -> PreferenceOutput:
+        reference = self.reference
+        if reference is None:
+            raise UserError("preference batches need model.objective dpo (--config configs/stage/dpo.yaml)")
+        if not reference.placed:  # Lightning moves and converts the policy after configure_model
+            if self.device_mesh is None:
+                reference.model = self.trainer.precision_plugin.convert_module(reference.model).to(self.device)
+            reference.placed = True
+        return preference_step(self.model, reference, batch, self.preference, share_features=self._share_features)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.reference is not None:  # the reference's weights are rebuilt on resume, not stored
+            checkpoint[CHECKPOINT_KEY] = {"fingerprint": self.reference.fingerprint}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.reference is not None:
+            self.reference.check_checkpoint(checkpoint.get(CHECKPOINT_KEY), self.init_checkpoint)
 
     def forward(self, batch: Any, **kwargs: Any):
         return self.model(batch, **kwargs)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
-        loss = self.model(batch, return_logits=False, label_smoothing=self.label_smoothing).loss
+        check_preference_batch(batch, self.objective)
+        metrics, rows = {}, batch.input_ids.shape[0]
+        if getattr(batch, "pairs", None) is not None:
+            out = self._preference_step(batch)
+            loss, metrics, rows = out.loss, out.metrics(), batch.pairs
+        else:
+            loss = self.model(batch, return_logits=False, label_smoothing=self.label_smoothing).loss
         finite = bool(torch.isfinite(loss))
         finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
         if not finite:
             return self._skip_nonfinite(batch_idx)
         tokens = int((batch.labels != -100).sum())
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch.input_ids.shape[0])
+        self.log("train/loss", loss, prog_bar=True, batch_size=rows)
+        for name, value in metrics.items():  # TRL's names: rewards/chosen, rewards/accuracies, ...
+            self.log(f"train/{name}", value, prog_bar=name == "rewards/accuracies", batch_size=rows)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=False)
         self.log("train/target_tokens", float(tokens), reduce_fx="sum")
         return loss
@@ -148,13 +202,24 @@ class VLMModule(L.LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int) -> list[dict[str, str]]:
         """Captions of every row: {"key", "caption", "reference"} (written by `CaptionWriter`)."""
+        if getattr(batch, "pairs", None) is not None:
+            batch = chosen_rows(batch)  # the pair's prompt, captioned once; reference: the chosen answer
         captions = self._caption_batch(batch, every_row=True)
         keys = batch.keys or tuple(str(batch_idx * batch.input_ids.shape[0] + i) for i in range(len(captions)))
         return [{"key": key, "caption": pred, "reference": ref} for key, (_, pred, ref) in zip(keys, captions)]
 
     def _evaluation_step(self, batch: Any, prefix: str) -> None:
-        loss = self.model(batch, return_logits=False).loss
-        self.log(f"{prefix}/loss", loss, prog_bar=True, batch_size=batch.input_ids.shape[0], sync_dist=True)
+        """Next-token loss, or on preference pairs the DPO loss and TRL's metrics; then captions
+        (of a preference batch: from the shared prompt, scored against the chosen answer)."""
+        if getattr(batch, "pairs", None) is not None:
+            out = self._preference_step(batch)
+            self.log(f"{prefix}/loss", out.loss, prog_bar=True, batch_size=batch.pairs, sync_dist=True)
+            for name, value in out.metrics().items():
+                self.log(f"{prefix}/{name}", value, batch_size=batch.pairs, sync_dist=True)
+            batch = chosen_rows(batch)
+        else:
+            loss = self.model(batch, return_logits=False).loss
+            self.log(f"{prefix}/loss", loss, prog_bar=True, batch_size=batch.input_ids.shape[0], sync_dist=True)
         # Each rank captions its share of `caption_samples`; a sharded model needs every rank to
         # join each generation, so they generate while any of them still wants captions.
         quota = -(-self.caption_samples // self.trainer.world_size)

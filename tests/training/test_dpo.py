@@ -1,0 +1,263 @@
+"""DPO training (`model.objective: dpo`, configs/stage/dpo.yaml): one pass of both answers with the
+images encoded once, a reference that never changes and never enters a checkpoint, TRL's metrics in
+training and validation, learning on the shapes preference pairs (both fusions), bitwise resume
+after SIGKILL, and 2 gloo ranks under the shipped FSDP2 strategy."""
+
+import csv
+import dataclasses
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tiny_models import IMAGE_ID, images, open_gates, tiny_model
+from training_helpers import ROOT, read_losses, run_ranks, tiny_recipe
+
+from vlm.data.collate import Collator
+from vlm.data.formats import EncodedPreference
+from vlm.data.shapes import make_shapes_dataset
+from vlm.errors import UserError
+from vlm.features import weights_hash
+from vlm.model import ModelInput
+from vlm.objectives import sequence_logprobs_from_hidden
+from vlm.stages import set_trainable
+from vlm.training.checkpointing import is_complete
+from vlm.training.module import VLMModule
+from vlm.training.preference import FrozenReference, PreferenceConfig, pair_logps, preference_step
+from vlm.training.recipes import fit
+
+CONFIGS = ROOT / "configs"
+
+
+# --- one pass, images once ---------------------------------------------------------------------
+
+def preference_batch(model, seed: int = 0):
+    """Three pairs with 1, 2 and 0 images, prompts and answers of different lengths."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = lambda n: torch.randint(10, 64, (n,), generator=g).tolist()  # noqa: E731
+    pairs = []
+    for index, count in enumerate((1, 2, 0)):
+        prompt = [1, *[IMAGE_ID] * count, *tokens(3 + index)]
+        chosen, rejected = tokens(4 + index), tokens(2 + 3 * index)
+        pairs.append(EncodedPreference(f"p{index}", prompt + chosen, [-100] * len(prompt) + chosen,
+                                       prompt + rejected, [-100] * len(prompt) + rejected, images(count, seed=index)))
+    return Collator(pad_id=0, image_id=IMAGE_ID, image_token_count=model.tokens_per_image)(pairs)
+
+
+def count_calls(module) -> list[int]:
+    """The batch size of each forward call of `module`."""
+    calls: list[int] = []
+    module.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
+    return calls
+
+
+def separate_logps(model, batch, rows: slice):
+    """Log-probs of some rows in a pass of their own, cut to their own length."""
+    length = int(batch.attention_mask[rows].sum(1).max())
+    own = ModelInput(batch.input_ids[rows, :length], batch.attention_mask[rows, :length], batch.pixel_values,
+                     batch.image_sample_index)
+    hidden, _ = model.hidden(own)
+    return sequence_logprobs_from_hidden(hidden, model.text.output.weight, batch.labels[rows, :length])
+
+
+@pytest.mark.parametrize("fusion", ["llava", "flamingo"])
+def test_one_pass_of_both_answers_equals_separate_passes_and_encodes_each_image_once(fusion):
+    model = tiny_model(fusion)
+    open_gates(model, 0.5)  # flamingo's images must matter
+    batch = preference_batch(model)
+    assert batch.pairs == 3 and batch.pixel_values.shape[0] == 3
+    calls = count_calls(model.vision)
+    with torch.no_grad():
+        sums, counts, features = pair_logps(model, batch)
+    assert calls == [3] and features.shape[0] == 3  # once, each image of the batch once
+    chosen = separate_logps(model, batch, slice(0, 3))
+    rejected = separate_logps(model, batch, slice(3, 6))
+    torch.testing.assert_close(sums, torch.cat([chosen[0], rejected[0]]), rtol=0, atol=1e-6)
+    assert torch.equal(counts, torch.cat([chosen[1], rejected[1]]))
+    assert counts.tolist() == (batch.labels != -100).sum(1).tolist() == [4, 5, 6, 2, 5, 8]  # answers only
+    # the images matter: other pixels score the rows with images differently, the others alike
+    with torch.no_grad():
+        blank, _, _ = pair_logps(model, dataclasses.replace(batch, pixel_values=torch.zeros_like(batch.pixel_values)))
+    differs = (blank - sums).abs() > 1e-4
+    assert differs.tolist() == [True, True, False, True, True, False]
+
+
+@pytest.mark.parametrize("stage, reference_tower_calls", [("instruct", []), ("full", [3])])
+def test_the_reference_reuses_a_frozen_towers_features_and_starts_equal_to_the_policy(stage, reference_tower_calls):
+    model = tiny_model("llava")
+    reference = FrozenReference(model)
+    set_trainable(model, stage)
+    batch = preference_batch(model)
+    policy_calls, reference_calls = count_calls(model.vision), count_calls(reference.model.vision)
+    frozen = stage == "instruct"
+    out = preference_step(model, reference, batch, PreferenceConfig(beta=0.5), share_features=frozen)
+    assert policy_calls == [3] and reference_calls == reference_tower_calls
+    # the policy is its reference at the start: log 2, no reward, and gradients only to the policy
+    assert abs(out.loss.item() - torch.log(torch.tensor(2.0)).item()) < 1e-6
+    assert out.chosen_rewards.abs().max() < 1e-5 and out.rejected_rewards.abs().max() < 1e-5
+    out.loss.backward()
+    assert any(p.grad is not None for p in model.text.parameters())
+    assert all(p.grad is None and not p.requires_grad for p in reference.model.parameters())
+    assert all(p.grad is None for p in model.vision.parameters()) == frozen
+
+
+def test_preference_config_errors_name_the_key():
+    for bad, words in [({"loss_type": "hinge"}, "loss_type"), ({"beta": 0}, "beta must be > 0"),
+                       ({"label_smoothing": 0.5}, "[0, 0.5)"), ({"loss_type": "ipo", "label_smoothing": 0.1}, "sigmoid only"),
+                       ({"reference": "cached"}, "reference")]:
+        with pytest.raises(ValueError, match=r"model\.preference\.") as error:
+            PreferenceConfig(**bad)
+        assert words in str(error.value)
+    config = tiny_model("llava").config
+    with pytest.raises(ValueError, match="model.objective"):
+        VLMModule(config, objective="ppo")
+    with pytest.raises(ValueError, match="preference.label_smoothing"):
+        VLMModule(config, objective="dpo", label_smoothing=0.1)
+
+
+def test_resume_refuses_a_changed_starting_model():
+    module = VLMModule(tiny_model("llava").config, objective="dpo", stage="instruct")
+    module.configure_model()
+    saved: dict = {}
+    module.on_save_checkpoint(saved)
+    module.on_load_checkpoint(saved)  # the same start: fine
+    saved["preference_reference"]["fingerprint"] = "0" * 64
+    with pytest.raises(UserError, match="init_checkpoint"):
+        module.on_load_checkpoint(saved)
+
+
+# --- runs on the shapes preference pairs -------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def pairs_dir(tmp_path_factory, shapes_dir) -> Path:
+    """16 training and 8 validation pairs of the shapes preference variant (the shapes tokenizer
+    covers them: the same words)."""
+    out = tmp_path_factory.mktemp("pairs")
+    make_shapes_dataset(out, train=16, val=8, seed=0, workers=0, shard_size=8, variants=["preference"])
+    return out
+
+
+def dpo_recipe(tmp_path: Path, shapes_dir: Path, pairs_dir: Path, *, max_steps: int, every: int, val: str = "val",
+               **extra) -> Path:
+    """The tiny recipe on preference pairs (lr and batch for memorising 16 pairs in a few dozen steps)."""
+    return tiny_recipe(tmp_path, shapes_dir, max_steps=max_steps, every=every,
+                       data__train_shards=str(pairs_dir / "preference" / "train-*.tar"),
+                       data__val_shards=str(pairs_dir / "preference" / f"{val}-*.tar"),
+                       model__optim={"lr": 0.003, "warmup_steps": 2, "weight_decay": 0.0}, **extra)
+
+
+def dpo_configs(fusion: str, recipe: Path) -> list[Path]:
+    return [CONFIGS / "shapes.yaml", CONFIGS / "fusion" / f"{fusion}.yaml", CONFIGS / "stage" / "dpo.yaml", recipe]
+
+
+def dpo_args(fusion: str, recipe: Path, *more: str) -> list[str]:
+    return ["fit", *[a for c in dpo_configs(fusion, recipe) for a in ("--config", str(c))], *more]
+
+
+def metrics(run: Path) -> list[dict[str, str]]:
+    return [{k: v for k, v in row.items() if v} for path in sorted(run.glob("logs/version_*/metrics.csv"))
+            for row in csv.DictReader(open(path))]
+
+
+def test_dpo_run_keeps_the_reference_out_of_training_and_checkpoints(tmp_path, shapes_dir, pairs_dir):
+    recipe = dpo_recipe(tmp_path, shapes_dir, pairs_dir, max_steps=4, every=4)
+    cli = fit(dpo_configs("llava", recipe), tmp_path / "run")
+    module = cli.model
+    reference, policy = module.reference, module.model
+    assert module.objective == "dpo" and module.stage == "instruct"
+    assert all(not p.requires_grad and p.grad is None for p in reference.model.parameters())
+    assert weights_hash(reference.model) == reference.fingerprint  # unchanged by training
+    changed = [n for n, p in policy.named_parameters() if not torch.equal(p, reference.model.get_parameter(n))]
+    assert any(n.startswith("text.") for n in changed) and any(n.startswith("fusion.") for n in changed)
+    assert not any(n.startswith("vision.") for n in changed)  # stage instruct: the tower stays frozen
+    optimized = {id(p) for group in cli.trainer.optimizers[0].param_groups for p in group["params"]}
+    assert optimized.isdisjoint(id(p) for p in reference.model.parameters())
+
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert set(checkpoint["state_dict"]) == {f"model.{k}" for k in policy.state_dict()}  # no reference weights
+    assert checkpoint["preference_reference"] == {"fingerprint": reference.fingerprint}
+    assert checkpoint["hyper_parameters"]["objective"] == "dpo"
+    assert checkpoint["hyper_parameters"]["preference"] == {"beta": 0.1, "loss_type": "sigmoid",
+                                                            "label_smoothing": 0.0, "reference": "frozen"}
+
+    rows = metrics(tmp_path / "run")
+    trl = {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"}
+    train = [row for row in rows if "train/loss" in row]
+    assert len(train) == 4 and {f"train/{name}" for name in trl} <= set(train[0])
+    assert float(train[0]["train/loss"]) == pytest.approx(0.6931471805599453, abs=1e-6)  # policy = reference
+    val = next(row for row in rows if "val/loss" in row)
+    assert {f"val/{name}" for name in trl} | {"val/exact_match", "val/bleu4", "val/cider_d"} <= set(val)
+    assert list((tmp_path / "run").glob("logs/version_*/captions/step000004.png"))  # chosen rows' prompts
+
+
+def test_dpo_needs_preference_batches(tmp_path, shapes_dir, capsys):
+    from vlm.cli import main
+
+    recipe = tiny_recipe(tmp_path, shapes_dir, max_steps=2, every=2)  # caption shards
+    assert main(dpo_args("llava", recipe)) == 2
+    err = capsys.readouterr().err
+    assert "model.objective dpo trains on preference pairs" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fusion", ["llava", "flamingo"])
+def test_dpo_learns_its_training_pairs(tmp_path, shapes_dir, pairs_dir, fusion):
+    # validation on the 16 training pairs themselves, after 40 steps of 8 pairs
+    recipe = dpo_recipe(tmp_path, shapes_dir, pairs_dir, max_steps=40, every=40, val="train")
+    fit(dpo_configs(fusion, recipe), tmp_path / "run", overrides=["--trainer.limit_val_batches=2"])
+    rows = metrics(tmp_path / "run")
+    val = next(row for row in rows if "val/rewards/accuracies" in row)
+    assert float(val["val/rewards/accuracies"]) > 0.9, val
+    assert float(val["val/rewards/margins"]) > 0 and float(val["val/loss"]) < 0.5, val
+
+
+@pytest.fixture(scope="module")
+def sft_checkpoint(tmp_path_factory, shapes_dir) -> Path:
+    """A tiny llava captioner trained for 4 steps: the model DPO starts from."""
+    from training_helpers import fit_args
+
+    from vlm.cli import main
+
+    tmp = tmp_path_factory.mktemp("sft")
+    assert main(fit_args(tiny_recipe(tmp, shapes_dir, max_steps=4, every=4), "llava")) == 0
+    return tmp / "run" / "checkpoints" / "last.ckpt"
+
+
+@pytest.mark.slow
+def test_dpo_resume_after_sigkill_is_bitwise_exact(tmp_path, shapes_dir, pairs_dir, sft_checkpoint):
+    start = {"model__init_checkpoint": str(sft_checkpoint)}
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    straight.mkdir(), killed.mkdir()
+    run_ranks(["-m", "vlm.cli", *dpo_args("llava", dpo_recipe(straight, shapes_dir, pairs_dir, max_steps=10, every=1, **start))],
+              cwd=straight)
+    expected = read_losses(straight / "run")
+    assert len(expected) == 10
+
+    recipe = dpo_recipe(killed, shapes_dir, pairs_dir, max_steps=10, every=1, **start)
+    kill = ["--trainer.callbacks+=training_helpers.KillAtStep", "--trainer.callbacks.step=5"]
+    run_ranks(["-m", "vlm.cli", *dpo_args("llava", recipe, *kill)], cwd=killed, expect=-signal.SIGKILL)
+    assert sorted(read_losses(killed / "run")) == list(range(5))
+    run_ranks(["-m", "vlm.cli", *dpo_args("llava", recipe, "--ckpt_path", "last")], cwd=killed)  # reference: rebuilt
+    resumed = read_losses(killed / "run")
+    assert sorted(resumed) == list(range(10))
+    for step in range(5, 10):
+        assert resumed[step] == expected[step], (step, resumed[step], expected[step])
+
+
+@pytest.mark.slow
+def test_dpo_on_two_ranks_under_the_shipped_fsdp2_strategy(tmp_path, shapes_dir, pairs_dir, sft_checkpoint):
+    recipe = dpo_recipe(tmp_path, shapes_dir, pairs_dir, max_steps=4, every=2, model__init_checkpoint=str(sft_checkpoint))
+    more = tmp_path / "ranks.yaml"
+    more.write_text(yaml.safe_dump({"trainer": {"devices": 2, "val_check_interval": 2, "limit_val_batches": 1},
+                                    "data": {"batch_size": 4, "val_batch_size": 4}}))
+    configs = [*dpo_configs("llava", recipe)[:3], CONFIGS / "strategy" / "fsdp2.yaml", recipe, more]
+    run_ranks(["-m", "vlm.cli", "fit", *[a for c in configs for a in ("--config", str(c))]], cwd=tmp_path, timeout=300)
+    assert sorted(read_losses(tmp_path / "run")) == [0, 1, 2, 3]
+    val = [row for row in metrics(tmp_path / "run") if "val/rewards/accuracies" in row]
+    assert len(val) == 2 and {"val/loss", "val/exact_match", "val/rewards/margins"} <= set(val[-1])
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert last.is_dir() and is_complete(last)
+    assert sorted(p.name for p in last.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    meta = torch.load(last / "meta.pt", weights_only=True)
+    assert meta["preference_reference"]["fingerprint"] and meta["global_step"] == 4

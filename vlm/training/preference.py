@@ -1,0 +1,164 @@
+"""The DPO step of `VLMModule`: a preference batch's 2B rows through the policy and the frozen
+reference, then `vlm.objectives.preference_loss`.
+
+A preference batch (`Batch.pairs` = B) holds B chosen rows, then B rejected rows, and each pair's
+images once. Its images are encoded once: their features go to both rows of their pair
+(`image_features` twice, `image_sample_index` shifted by B for the rejected rows) in one pass of
+all 2B rows. With a frozen tower the reference reuses the policy's features.
+
+The reference is a frozen copy of the starting model (after `model.init_checkpoint` is loaded),
+held outside the LightningModule's submodules: it is never in the optimizer, in DDP's parameters
+or in checkpoints. A resumed run rebuilds it from the same `init_checkpoint`; its weights hash,
+stored in every checkpoint, tells when that file has changed since.
+"""
+
+from __future__ import annotations
+
+import copy
+import types
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlm.errors import UserError
+from vlm.features import weights_hash
+from vlm.model import ModelInput
+from vlm.objectives import LOGPS_REDUCTION, PreferenceOutput, logps_for_loss, preference_loss, sequence_logprobs_from_hidden
+
+OBJECTIVES = ("next_token", "dpo")
+REFERENCES = ("frozen",)
+CHECKPOINT_KEY = "preference_reference"
+
+
+@dataclass
+class PreferenceConfig:
+    """DPO-family loss settings (`model.preference`, used when `model.objective` is dpo).
+
+    beta: strength of the KL anchor to the reference (IPO: the paper's tau).
+    loss_type: "sigmoid" (DPO) or "ipo".
+    label_smoothing: assumed probability that a pair's preference is flipped (conservative DPO,
+        sigmoid only); 0 is plain DPO.
+    reference: "frozen", a frozen copy of the starting model.
+    """
+
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    reference: str = "frozen"
+
+    def __post_init__(self) -> None:
+        if self.loss_type not in LOGPS_REDUCTION:
+            raise ValueError(f"model.preference.loss_type must be one of {sorted(LOGPS_REDUCTION)}, got {self.loss_type!r}")
+        if not self.beta > 0:
+            raise ValueError(f"model.preference.beta must be > 0, got {self.beta!r}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"model.preference.label_smoothing must be in [0, 0.5), got {self.label_smoothing!r}")
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ValueError(f"model.preference.label_smoothing applies to loss_type sigmoid only, got "
+                             f"{self.label_smoothing!r} with {self.loss_type!r}")
+        if self.reference not in REFERENCES:
+            raise ValueError(f"model.preference.reference must be one of {list(REFERENCES)}, got {self.reference!r}")
+
+
+def pair_logps(model: nn.Module, batch: Any, *, features: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-row (sum of answer log-probs [2B] float32, answer token counts [2B]) of a preference
+    batch in one pass, and the image features used ([N, tokens, dim], or None without images).
+
+    `features`: the pairs' images already encoded (else `batch.image_features`, else the tower
+    runs once on `batch.pixel_values`)."""
+    pairs = batch.pairs
+    if features is None:
+        features = getattr(batch, "image_features", None)
+    pixels = getattr(batch, "pixel_values", None)
+    if features is None and pixels is not None and pixels.shape[0] > 0:
+        features = model.vision(pixels)  # [N, tokens, dim]: once per pair
+    rows = ModelInput(batch.input_ids, batch.attention_mask)
+    if features is not None and features.shape[0] > 0:
+        owner = batch.image_sample_index  # [N] pair index = chosen row; rejected row = owner + B
+        rows.image_features = torch.cat([features, features])
+        rows.image_sample_index = torch.cat([owner, owner + pairs])
+    hidden, _ = model.hidden(rows)
+    sums, counts = sequence_logprobs_from_hidden(hidden, model.text.output.weight, batch.labels)
+    return sums, counts, features
+
+
+def register_pair_forward(model: nn.Module) -> None:
+    """Make `pair_logps` a forward method of a `fully_shard`ed model (a no-op otherwise).
+
+    FSDP2 gathers the root's parameters (embeddings, head, the tower's stem, ...) and arranges
+    their gradient reduction around `forward` only; the pair pass calls the tower, the loop and
+    the head itself, so it must run under the same hooks."""
+    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+
+    if isinstance(model, FSDPModule):
+        model.pair_logps = types.MethodType(pair_logps, model)
+        register_fsdp_forward_method(model, "pair_logps")
+
+
+def run_pairs(model: nn.Module, batch: Any, *, features: torch.Tensor | None = None):
+    """`pair_logps` through the registered forward method when the model is sharded."""
+    registered = model.__dict__.get("pair_logps")
+    return registered(batch, features=features) if registered else pair_logps(model, batch, features=features)
+
+
+def check_preference_batch(batch: Any, objective: str) -> None:
+    if objective == "dpo" and getattr(batch, "pairs", None) is None:
+        raise UserError("model.objective dpo trains on preference pairs, but data.train_shards holds other samples "
+                        "(make pairs with `vlm data shapes --variants preference` or `vlm data from-preference`)")
+    if objective != "dpo" and getattr(batch, "pairs", None) is not None:
+        raise UserError(f"a preference batch under model.objective {objective}: add --config configs/stage/dpo.yaml "
+                        "(model.objective: dpo) to train on preference pairs")
+
+
+class FrozenReference:
+    """A frozen copy of the starting policy, scoring preference batches under no_grad.
+
+    Deliberately not an nn.Module: assigned to the LightningModule, it stays out of its submodules
+    (so out of the optimizer, DDP and checkpoints) and out of its train()/eval() switches."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = copy.deepcopy(model).requires_grad_(False).eval()
+        self.fingerprint = weights_hash(self.model)  # before any sharding or precision conversion
+        self.placed = False
+
+    @torch.no_grad()
+    def logps(self, batch: Any, *, features: torch.Tensor | None, loss_type: str) -> torch.Tensor:
+        """Per-row log-probs [2B] as `loss_type` expects them; `features`: the policy's, when the
+        tower is frozen (the same weights in eval mode give the same features)."""
+        sums, counts, _ = run_pairs(self.model, batch, features=features)
+        if hasattr(self.model, "reshard"):  # FSDP2 keeps a root's parameters gathered after forward
+            self.model.reshard()
+        return logps_for_loss(sums, counts, loss_type=loss_type)
+
+    def check_checkpoint(self, stored: dict[str, Any] | None, init_checkpoint: str | None) -> None:
+        if stored is None or stored.get("fingerprint") == self.fingerprint:
+            return
+        start = f"model.init_checkpoint {init_checkpoint}" if init_checkpoint else "the seeded random initialisation"
+        raise UserError(f"the DPO reference rebuilt from {start} is not the model this run started from (weights "
+                        "hash differs): resume with the same model.init_checkpoint, unchanged")
+
+
+def preference_step(model: nn.Module, reference: FrozenReference, batch: Any, config: PreferenceConfig, *,
+                    share_features: bool) -> PreferenceOutput:
+    """The DPO-family loss of a preference batch and TRL's metrics (`PreferenceOutput.metrics()`).
+
+    `share_features`: the tower is frozen and every rank takes the same path, so the reference
+    reuses the policy's image features instead of running its own tower."""
+    sums, counts, features = run_pairs(model, batch)
+    policy = logps_for_loss(sums, counts, loss_type=config.loss_type)
+    reference_logps = reference.logps(batch, features=features if share_features else None, loss_type=config.loss_type)
+    return preference_loss(*policy.chunk(2), *reference_logps.chunk(2), beta=config.beta,
+                           loss_type=config.loss_type, label_smoothing=config.label_smoothing)
+
+
+def chosen_rows(batch: Any) -> Any:
+    """The B chosen rows of a preference batch as an ordinary batch (images index its rows)."""
+    import dataclasses
+
+    pairs = batch.pairs
+    keys = batch.keys[:pairs] if batch.keys else batch.keys
+    return dataclasses.replace(batch, input_ids=batch.input_ids[:pairs], labels=batch.labels[:pairs],
+                               attention_mask=batch.attention_mask[:pairs], keys=keys, pairs=None)

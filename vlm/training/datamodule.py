@@ -146,9 +146,10 @@ class VLMDataModule(L.LightningDataModule):
         trained_on = set(json.loads(sources.read_text()))
         ours = {self._relative(s) for s in self._shards(self.train_patterns, "train_shards")}
         if self.shapes is not None:  # every variant of a shapes set has the vocabulary of its captions
-            root = self._relative(self.shapes.out) + os.sep
-            if any(path.startswith(root) for path in trained_on):
-                ours = {path for path in ours if not path.startswith(root)}
+            root, base = Path(self.shapes.out).resolve(), self.tokenizer_path.resolve().parent
+            shapes = {path for path in ours | trained_on if (base / path).resolve().is_relative_to(root)}
+            if shapes & trained_on:
+                ours -= shapes
         if not ours <= trained_on:
             raise UserError(f"data.tokenizer {self.tokenizer_path} was trained on other shards ({sources.name} lists "
                             f"{len(trained_on)}, not {sorted(ours - trained_on)[0]}): give this data its own "

@@ -140,14 +140,10 @@ class VLMModule(L.LightningModule):
         return model
 
     def _preference_step(self, batch: Any) -> PreferenceOutput:
-        reference = self.reference
-        if reference is None:
+        if self.reference is None:
             raise UserError("preference batches need model.objective dpo (--config configs/stage/dpo.yaml)")
-        if not reference.placed:  # Lightning moves and converts the policy after configure_model
-            if self.device_mesh is None:
-                reference.model = self.trainer.precision_plugin.convert_module(reference.model).to(self.device)
-            reference.placed = True
-        return preference_step(self.model, reference, batch, self.preference, share_features=self._share_features)
+        self.reference.place(self.trainer.precision_plugin, self.device, sharded=self.device_mesh is not None)
+        return preference_step(self.model, self.reference, batch, self.preference, share_features=self._share_features)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.reference is not None:  # the reference's weights are rebuilt on resume, not stored

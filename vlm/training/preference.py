@@ -124,6 +124,13 @@ class FrozenReference:
         self.fingerprint = weights_hash(self.model)  # before any sharding or precision conversion
         self.placed = False
 
+    def place(self, precision_plugin: Any, device: torch.device, *, sharded: bool) -> None:
+        """Once: the precision and device Lightning gives the policy after `configure_model`
+        (a sharded reference got them with its sharding)."""
+        if not self.placed and not sharded:
+            self.model = precision_plugin.convert_module(self.model).to(device)
+        self.placed = True
+
     @torch.no_grad()
     def logps(self, batch: Any, *, features: torch.Tensor | None, loss_type: str) -> torch.Tensor:
         """Per-row log-probs [2B] as `loss_type` expects them; `features`: the policy's, when the

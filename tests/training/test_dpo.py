@@ -6,6 +6,7 @@ after SIGKILL, and 2 gloo ranks under the shipped FSDP2 strategy."""
 import csv
 import dataclasses
 import json
+import shutil
 import signal
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from vlm.stages import set_trainable
 from vlm.training.checkpointing import is_complete
 from vlm.training.datamodule import ShapesSpec, VLMDataModule
 from vlm.training.module import VLMModule
-from vlm.training.preference import FrozenReference, PreferenceConfig, pair_logps, preference_step
+from vlm.training.preference import CachedReference, FrozenReference, PreferenceConfig, pair_logps, preference_step
 from vlm.training.recipes import fit
 
 CONFIGS = ROOT / "configs"
@@ -107,7 +108,7 @@ def test_the_reference_reuses_a_frozen_towers_features_and_starts_equal_to_the_p
 def test_preference_config_errors_name_the_key():
     for bad, words in [({"loss_type": "hinge"}, "loss_type"), ({"beta": 0}, "beta must be > 0"),
                        ({"label_smoothing": 0.5}, "[0, 0.5)"), ({"loss_type": "ipo", "label_smoothing": 0.1}, "sigmoid only"),
-                       ({"reference": "cached"}, "reference")]:
+                       ({"reference": "trl"}, "reference")]:
         with pytest.raises(ValueError, match=r"model\.preference\.") as error:
             PreferenceConfig(**bad)
         assert words in str(error.value)
@@ -224,6 +225,39 @@ def test_dpo_needs_preference_batches(tmp_path, shapes_dir, capsys):
     assert "model.objective dpo trains on preference pairs" in err and "Traceback" not in err
 
 
+def copy_pairs(pairs_dir: Path, to: Path) -> Path:
+    """The pairs in a folder of the test's own (a cached reference writes next to the shards)."""
+    shutil.copytree(pairs_dir / "preference", to / "preference")
+    return to
+
+
+def test_cached_reference_equals_the_frozen_copy_and_is_reused(tmp_path, shapes_dir, pairs_dir):
+    pairs = copy_pairs(pairs_dir, tmp_path / "pairs")
+    runs = {}
+    for name, reference in [("frozen", "frozen"), ("cached", "cached"), ("again", "cached")]:
+        (tmp_path / name).mkdir()
+        recipe = dpo_recipe(tmp_path / name, shapes_dir, pairs, max_steps=3, every=3)
+        cli = fit(dpo_configs("llava", recipe), tmp_path / name / "run",
+                  overrides=[f"--model.preference.reference={reference}", "--model.caption_samples=0"])
+        runs[name] = [row for row in metrics(tmp_path / name / "run") if "train/loss" in row or "val/loss" in row]
+        if name == "cached":
+            assert isinstance(cli.model.reference, CachedReference)  # the frozen copy is gone
+            assert cli.model.reference.fingerprint == torch.load(tmp_path / name / "run" / "checkpoints" / "last.ckpt",
+                                                                 weights_only=True)["preference_reference"]["fingerprint"]
+            files = sorted(pairs.glob("preference/*.reference-*.json"))
+            assert [f.name.split(".")[0] for f in files] == ["train-000000", "train-000001", "val-000000"]
+            written = {f: f.stat().st_mtime_ns for f in files}
+            stored = json.loads(files[0].read_text())
+            assert len(stored["logps"]) == 8 and stored["settings"]["fingerprint"] == cli.model.reference.fingerprint
+    assert {f: f.stat().st_mtime_ns for f in written} == written  # the third run read them
+    for name in ("cached", "again"):
+        assert len(runs[name]) == len(runs["frozen"]) == 4
+        for row, expected in zip(runs[name], runs["frozen"]):
+            assert set(row) == set(expected)
+            for key in (k for k in row if k.startswith(("train/", "val/")) and k != "train/lr"):
+                assert float(row[key]) == pytest.approx(float(expected[key]), rel=1e-5, abs=1e-6), (name, key)
+
+
 @pytest.mark.parametrize("fusion", ["llava", "flamingo"])
 def test_dpo_learns_its_training_pairs(tmp_path, shapes_dir, pairs_dir, fusion):
     # validation on the 16 training pairs themselves, after 40 steps of 8 pairs, from scratch
@@ -272,11 +306,14 @@ def test_dpo_resume_after_sigkill_is_bitwise_exact(tmp_path, shapes_dir, pairs_d
 
 
 @pytest.mark.slow
-def test_dpo_on_two_ranks_under_the_shipped_fsdp2_strategy(tmp_path, shapes_dir, pairs_dir, sft_checkpoint):
-    recipe = dpo_recipe(tmp_path, shapes_dir, pairs_dir, max_steps=4, every=2, model__init_checkpoint=str(sft_checkpoint))
+@pytest.mark.parametrize("reference", ["frozen", "cached"])
+def test_dpo_on_two_ranks_under_the_shipped_fsdp2_strategy(tmp_path, shapes_dir, pairs_dir, sft_checkpoint, reference):
+    pairs = copy_pairs(pairs_dir, tmp_path / "pairs")
+    recipe = dpo_recipe(tmp_path, shapes_dir, pairs, max_steps=4, every=2, model__init_checkpoint=str(sft_checkpoint))
     more = tmp_path / "ranks.yaml"
     more.write_text(yaml.safe_dump({"trainer": {"devices": 2, "val_check_interval": 2, "limit_val_batches": 1},
-                                    "data": {"batch_size": 4, "val_batch_size": 4}}))
+                                    "data": {"batch_size": 4, "val_batch_size": 4},
+                                    "model": {"preference": {"reference": reference}}}))
     configs = [*dpo_configs("llava", recipe)[:3], CONFIGS / "strategy" / "fsdp2.yaml", recipe, more]
     run_ranks(["-m", "vlm.cli", "fit", *[a for c in configs for a in ("--config", str(c))]], cwd=tmp_path, timeout=300)
     assert sorted(read_losses(tmp_path / "run")) == [0, 1, 2, 3]
@@ -287,6 +324,9 @@ def test_dpo_on_two_ranks_under_the_shipped_fsdp2_strategy(tmp_path, shapes_dir,
     assert sorted(p.name for p in last.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     meta = torch.load(last / "meta.pt", weights_only=True)
     assert meta["preference_reference"]["fingerprint"] and meta["global_step"] == 4
+    losses = read_losses(tmp_path / "run")
+    assert float(losses[0]) == pytest.approx(0.6931471805599453, abs=1e-5)  # the reference is the start, on both ranks
+    assert len(list(pairs.glob("preference/*.reference-*.json"))) == (3 if reference == "cached" else 0)
 
 
 @pytest.mark.slow

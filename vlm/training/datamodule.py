@@ -179,7 +179,8 @@ class VLMDataModule(L.LightningDataModule):
             raise UserError(f"data.{what}: no shard at {missing[:3] if missing else patterns!r} (make shards with `vlm data ...`)")
         return shards
 
-    def _loader(self, patterns, what: str, *, train: bool):
+    def _loader(self, patterns, what: str, *, train: bool, whole: bool = False):
+        """`whole`: every sample once, in order, on every rank (not split), collated as for `train`."""
         model = self.trainer.lightning_module.model
         self.check_model(model)
         features = self._feature_store(model) if train and self.features else None
@@ -187,15 +188,24 @@ class VLMDataModule(L.LightningDataModule):
                             image_token_count=model.tokens_per_image, max_length=self.max_length,
                             features=features is not None)
         shards = self._shards(patterns, what)
-        config = PipelineConfig(shards=shards, batch_size=self.batch_size if train else self.val_batch_size,
-                                seed=self.seed, shuffle=train, shuffle_buffer=self.shuffle_buffer, resampled=train,
+        stream = train and not whole  # shuffled, endless
+        config = PipelineConfig(shards=shards, batch_size=self.batch_size if stream else self.val_batch_size,
+                                seed=self.seed, shuffle=stream, shuffle_buffer=self.shuffle_buffer, resampled=stream,
                                 handler=self.handler, max_skip_fraction=self.max_skip_fraction)
-        workers = self.num_workers if train else min(self.num_workers, len(shards))
-        rank, world = self.trainer.global_rank, self.trainer.world_size
+        workers = self.num_workers if stream else min(self.num_workers, len(shards))
+        rank, world = (0, 1) if whole else (self.trainer.global_rank, self.trainer.world_size)
         transform = model.vision.train_transform if train else model.vision.transform
         return build_dataloader(config, ChatTemplate(self.tokenizer), transform=transform, collator=collator,
-                                num_workers=workers, counter=self.skips if train else None, rank=rank, world_size=world,
+                                num_workers=workers, counter=self.skips if stream else None, rank=rank, world_size=world,
                                 features=features)
+
+    def shard_loaders(self) -> dict[str, dict[str, Any]]:
+        """{"train": {shard: loader}, "val": ...}: each shard's samples once, in order, on every rank,
+        collated as training (or validation) collates them; for a pass that must see them all."""
+        splits = {"train": (self.train_patterns, "train_shards"), "val": (self.val_patterns, "val_shards")}
+        return {split: {shard: self._loader(shard, what, train=split == "train", whole=True)
+                        for shard in self._shards(patterns, what)}
+                for split, (patterns, what) in splits.items() if patterns is not None}
 
     def _feature_store(self, model: Any) -> FeatureStore:
         check_cacheable(model)

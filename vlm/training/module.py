@@ -18,8 +18,9 @@ from vlm.stages import set_trainable
 from vlm.training.optim import OptimConfig, build_optimizer
 from vlm.training.parallel import (apply_activation_checkpointing, apply_fsdp2, apply_tensor_parallel, blocks,
                                    unsharded_root)
-from vlm.training.preference import (CHECKPOINT_KEY, OBJECTIVES, FrozenReference, PreferenceConfig,
-                                     check_preference_batch, chosen_rows, preference_step, register_pair_forward)
+from vlm.training.preference import (CHECKPOINT_KEY, OBJECTIVES, FrozenReference, PreferenceConfig, Reference,
+                                     cache_reference, check_preference_batch, chosen_rows, preference_step,
+                                     register_pair_forward)
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class VLMModule(L.LightningModule):
                                    "exclude": self.exclude, "optim": asdict(self.optim), "objective": objective,
                                    "preference": asdict(self.preference)})
         self.model: VisionLanguageModel | None = None
-        self.reference: FrozenReference | None = None  # dpo: the starting model, frozen (not a submodule)
+        self.reference: Reference | None = None  # dpo: the starting model, frozen (not a submodule), or its cache
         self._share_features = False
         self.nonfinite_steps = 0
         self._captions: list[tuple[torch.Tensor, str, str]] = []
@@ -144,6 +145,11 @@ class VLMModule(L.LightningModule):
             raise UserError("preference batches need model.objective dpo (--config configs/stage/dpo.yaml)")
         self.reference.place(self.trainer.precision_plugin, self.device, sharded=self.device_mesh is not None)
         return preference_step(self.model, self.reference, batch, self.preference, share_features=self._share_features)
+
+    def on_fit_start(self) -> None:
+        if isinstance(self.reference, FrozenReference) and self.preference.reference == "cached":
+            self.reference.place(self.trainer.precision_plugin, self.device, sharded=self.device_mesh is not None)
+            self.reference = cache_reference(self.reference, self.trainer, self.config)  # the copy is freed
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.reference is not None:  # the reference's weights are rebuilt on resume, not stored

@@ -9,14 +9,21 @@ all 2B rows. With a frozen tower the reference reuses the policy's features.
 The reference is a frozen copy of the starting model (after `model.init_checkpoint` is loaded),
 held outside the LightningModule's submodules: it is never in the optimizer, in DDP's parameters
 or in checkpoints. A resumed run rebuilds it from the same `init_checkpoint`; its weights hash,
-stored in every checkpoint, tells when that file has changed since.
+stored in every checkpoint, tells when that file has changed since. With `reference: cached` the
+copy scores every training and validation pair once before training (files next to the shards,
+reused by later runs) and is then freed: training looks its log-probs up by sample key.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import os
 import types
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,7 +35,7 @@ from vlm.model import ModelInput
 from vlm.objectives import LOGPS_REDUCTION, PreferenceOutput, logps_for_loss, preference_loss, sequence_logprobs_from_hidden
 
 OBJECTIVES = ("next_token", "dpo")
-REFERENCES = ("frozen",)
+REFERENCES = ("frozen", "cached")
 CHECKPOINT_KEY = "preference_reference"
 
 
@@ -40,7 +47,10 @@ class PreferenceConfig:
     loss_type: "sigmoid" (DPO) or "ipo".
     label_smoothing: assumed probability that a pair's preference is flipped (conservative DPO,
         sigmoid only); 0 is plain DPO.
-    reference: "frozen", a frozen copy of the starting model.
+    reference: "frozen", a frozen copy of the starting model; or "cached", its log-probs of every
+        training and validation pair computed once before training (`<shard>.reference-<hash>.json`
+        next to each shard, reused while the starting model, model config, precision, max_length and
+        tokenizer stay the same), after which the copy is freed.
     """
 
     beta: float = 0.1
@@ -113,7 +123,26 @@ def check_preference_batch(batch: Any, objective: str) -> None:
                         "(model.objective: dpo) to train on preference pairs")
 
 
-class FrozenReference:
+class Reference:
+    """The reference policy's log-probs of preference batches; `fingerprint`: its weights' hash."""
+
+    fingerprint: str
+
+    def place(self, precision_plugin: Any, device: torch.device, *, sharded: bool) -> None:
+        pass
+
+    def logps(self, batch: Any, *, features: torch.Tensor | None, loss_type: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def check_checkpoint(self, stored: dict[str, Any] | None, init_checkpoint: str | None) -> None:
+        if stored is None or stored.get("fingerprint") == self.fingerprint:
+            return
+        start = f"model.init_checkpoint {init_checkpoint}" if init_checkpoint else "the seeded random initialisation"
+        raise UserError(f"the DPO reference rebuilt from {start} is not the model this run started from (weights "
+                        "hash differs): resume with the same model.init_checkpoint, unchanged")
+
+
+class FrozenReference(Reference):
     """A frozen copy of the starting policy, scoring preference batches under no_grad.
 
     Deliberately not an nn.Module: assigned to the LightningModule, it stays out of its submodules
@@ -140,15 +169,78 @@ class FrozenReference:
             self.model.reshard()
         return logps_for_loss(sums, counts, loss_type=loss_type)
 
-    def check_checkpoint(self, stored: dict[str, Any] | None, init_checkpoint: str | None) -> None:
-        if stored is None or stored.get("fingerprint") == self.fingerprint:
-            return
-        start = f"model.init_checkpoint {init_checkpoint}" if init_checkpoint else "the seeded random initialisation"
-        raise UserError(f"the DPO reference rebuilt from {start} is not the model this run started from (weights "
-                        "hash differs): resume with the same model.init_checkpoint, unchanged")
+    @torch.no_grad()
+    def table(self, batches: Iterable[Any]) -> dict[str, list]:
+        """key -> [chosen sum, chosen count, rejected sum, rejected count] for every pair of `batches`."""
+        entries: dict[str, list] = {}
+        for batch in batches:
+            sums, counts, _ = run_pairs(self.model, batch.to(self.device))
+            if hasattr(self.model, "reshard"):
+                self.model.reshard()
+            pairs = batch.pairs
+            for row, key in enumerate(batch.keys[:pairs]):
+                entries[key] = [float(sums[row]), int(counts[row]), float(sums[pairs + row]), int(counts[pairs + row])]
+        return entries
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.text.tok_embeddings.weight.device
 
 
-def preference_step(model: nn.Module, reference: FrozenReference, batch: Any, config: PreferenceConfig, *,
+class CachedReference(Reference):
+    """The frozen copy's log-probs of every pair, looked up by sample key (see `cache_reference`)."""
+
+    def __init__(self, entries: dict[str, list], fingerprint: str) -> None:
+        self.entries, self.fingerprint = entries, fingerprint
+
+    def logps(self, batch: Any, *, features: torch.Tensor | None, loss_type: str) -> torch.Tensor:
+        keys = batch.keys[: batch.pairs]
+        missing = [key for key in keys if key not in self.entries]
+        if missing:
+            raise UserError(f"model.preference.reference cached: no reference log-probs for sample {missing[0]!r} "
+                            "(the cache covers data.train_shards and data.val_shards as they were at the start)")
+        rows = torch.tensor([self.entries[key] for key in keys], dtype=torch.float64)  # [B, 4]
+        sums, counts = torch.cat([rows[:, 0], rows[:, 2]]), torch.cat([rows[:, 1], rows[:, 3]])
+        return logps_for_loss(sums.float(), counts.long(), loss_type=loss_type).to(batch.input_ids.device)
+
+
+def cache_reference(reference: FrozenReference, trainer: Any, config: Any) -> CachedReference:
+    """The reference's log-probs of every pair of the data module's training and validation shards.
+
+    Each shard's are stored as `<shard>.reference-<hash>.json` ({"settings", "logps": {key: [...]}})
+    and recomputed when missing or made under other settings. Every rank makes the same passes over
+    the same data (a sharded reference needs them all); rank 0 writes the files."""
+    data = trainer.datamodule
+    if not hasattr(data, "shard_loaders"):
+        raise UserError("model.preference.reference cached reads the shards through vlm's data module (vlm fit)")
+    settings = {"fingerprint": reference.fingerprint, "config": config.to_dict(), "precision": str(trainer.precision),
+                "max_length": data.max_length, "tokenizer_sha256": hashlib.sha256(data.tokenizer_path.read_bytes()).hexdigest()}
+    trainer.strategy.barrier()  # every rank decides what to compute from the same files
+    todo = {}
+    for shards in data.shard_loaders().values():
+        for shard, batches in shards.items():
+            path = Path(f"{shard}.reference-{reference.fingerprint[:16]}.json")
+            stored = json.loads(path.read_text()) if path.is_file() else None
+            todo[path] = (shard, batches, stored["logps"] if stored and stored["settings"] == settings else None)
+    trainer.strategy.barrier()
+    entries: dict[str, list] = {}
+    for path, (shard, batches, stored) in todo.items():
+        if stored is None:
+            stored = reference.table(batches)
+            if trainer.is_global_zero:
+                tmp = path.with_name(path.name + ".tmp")
+                tmp.write_text(json.dumps({"settings": settings, "logps": stored}))
+                os.replace(tmp, path)
+        clash = next((key for key, value in stored.items() if entries.get(key, value) != value), None)
+        if clash is not None:
+            raise UserError(f"model.preference.reference cached: sample key {clash!r} of {shard} is another pair's "
+                            "in an earlier shard: the cache needs keys unique across data.train_shards and data.val_shards")
+        entries.update(stored)
+    trainer.strategy.barrier()
+    return CachedReference(entries, reference.fingerprint)
+
+
+def preference_step(model: nn.Module, reference: Reference, batch: Any, config: PreferenceConfig, *,
                     share_features: bool) -> PreferenceOutput:
     """The DPO-family loss of a preference batch and TRL's metrics (`PreferenceOutput.metrics()`).
 

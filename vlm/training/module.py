@@ -80,7 +80,8 @@ class VLMModule(L.LightningModule):
         if objective == "dpo" and label_smoothing:
             raise ValueError("model.label_smoothing smooths the next-token loss; with model.objective dpo set it to 0 "
                              "(model.preference.label_smoothing is conservative DPO)")
-        self.objective, self.preference = objective, preference or PreferenceConfig()
+        self.objective = objective
+        self.preference = preference if isinstance(preference, PreferenceConfig) else PreferenceConfig(**(preference or {}))
         # Plain values only, so that checkpoints load with weights_only=True.
         self.save_hyperparameters({"config": config.to_dict(), "stage": stage, "include": self.include,
                                    "exclude": self.exclude, "optim": asdict(self.optim), "objective": objective,

@@ -226,7 +226,8 @@ def cache_reference(reference: FrozenReference, trainer: Any, config: Any) -> Ca
     entries: dict[str, list] = {}
     for path, (shard, batches, stored) in todo.items():
         if stored is None:
-            stored = reference.table(batches)
+            with trainer.precision_plugin.forward_context():  # the numerics of the training steps (autocast)
+                stored = reference.table(batches)
             if trainer.is_global_zero:
                 tmp = path.with_name(path.name + ".tmp")
                 tmp.write_text(json.dumps({"settings": settings, "logps": stored}))

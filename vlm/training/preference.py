@@ -17,12 +17,12 @@ reused by later runs) and is then freed: training looks its log-probs up by samp
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
 import types
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ REFERENCES = ("frozen", "cached")
 CHECKPOINT_KEY = "preference_reference"
 
 
-@dataclass
+@dataclasses.dataclass
 class PreferenceConfig:
     """DPO-family loss settings (`model.preference`, used when `model.objective` is dpo).
 
@@ -256,8 +256,6 @@ def preference_step(model: nn.Module, reference: Reference, batch: Any, config: 
 
 def chosen_rows(batch: Any) -> Any:
     """The B chosen rows of a preference batch as an ordinary batch (images index its rows)."""
-    import dataclasses
-
     pairs = batch.pairs
     keys = batch.keys[:pairs] if batch.keys else batch.keys
     return dataclasses.replace(batch, input_ids=batch.input_ids[:pairs], labels=batch.labels[:pairs],

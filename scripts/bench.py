@@ -717,7 +717,7 @@ def bench_features(args: argparse.Namespace) -> dict:
         losses = {}
         for side, batch in batches.items():
             torch.manual_seed(args.seed)  # the same dropout masks on both sides
-            losses[side] = float(model(batch, return_logits=False).loss)
+            losses[side] = model(batch, return_logits=False).loss.item()
         if abs(losses["ours"] - losses["theirs"]) > 1e-6:
             raise RuntimeError(f"{name}: loss from cached features {losses['ours']} vs tower {losses['theirs']}")
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -734,7 +734,7 @@ def bench_features(args: argparse.Namespace) -> dict:
         timings[name] = t
         print(f"{name}: slowest cached step {worst[name]:.1f}x faster than the fastest tower step "
               f"(target {args.target:.0f}x: {'met' if worst[name] >= args.target else 'MISSED'})", flush=True)
-    print_table(f"train step, batch {args.batch}, {args.image_size} px, 1 + {per_image} + {args.text_tokens} tokens",
+    print_table(f"train step, batch {args.batch}, {args.image_size} px, {args.text_tokens} caption tokens per row",
                 rows, ours="cached", theirs="tower")
     return {"config": config_json(args), "rows": rows_json(rows, theirs="tower"), "worst_ratio": worst,
             "target_met": all(w >= args.target for w in worst.values()), "timings": timings_json(**timings)}

@@ -38,8 +38,9 @@ def recipe_configs(recipe, fusion="llava"):
 
 def build_args(recipe, shapes_dir, out, *more, fusion="llava"):
     configs = [arg for path in recipe_configs(recipe, fusion) for arg in ("--config", path)]
-    return ["features", "build", *configs, "--data", str(shapes_dir / "caption" / "train-*.tar"), "--out", str(out),
-            "--no-progress", *more]
+    shards = shapes_dir / "caption"  # two --data patterns: the four training shards
+    return ["features", "build", *configs, "--data", str(shards / "train-00000[01].tar"),
+            "--data", str(shards / "train-00000[23].tar"), "--out", str(out), "--no-progress", *more]
 
 
 @pytest.mark.parametrize("fusion", ["llava", "flamingo"])
@@ -147,7 +148,8 @@ def test_overwrite_replaces_a_cache_of_another_fingerprint(tmp_path, shapes_dir,
     recipe = frozen_recipe(tmp_path, shapes_dir)
     cache = tmp_path / "cache"
     assert main(build_args(recipe, shapes_dir, cache)) == 0
-    assert main(build_args(recipe, shapes_dir, cache, "--model.config.vision.image_size", "32", "--overwrite")) == 0
+    assert main(build_args(recipe, shapes_dir, cache, "--model.config.vision.image_size", "32", "--overwrite",
+                           "--batch-size", "5", "--device", "cpu")) == 0
     assert json.loads((cache / "fingerprint.json").read_text())["image_size"] == 32
     assert "4 shard(s) built, 0 already done" in capsys.readouterr().out
 

@@ -306,7 +306,7 @@ def test_dpo_resume_after_sigkill_is_bitwise_exact(tmp_path, shapes_dir, pairs_d
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("reference", ["frozen", "cached"])
+@pytest.mark.parametrize("reference", ["cached"])  # frozen: sharded on 2 ranks in the test below
 def test_dpo_on_two_ranks_under_the_shipped_fsdp2_strategy(tmp_path, shapes_dir, pairs_dir, sft_checkpoint, reference):
     pairs = copy_pairs(pairs_dir, tmp_path / "pairs")
     recipe = dpo_recipe(tmp_path, shapes_dir, pairs, max_steps=4, every=2, model__init_checkpoint=str(sft_checkpoint))
@@ -330,7 +330,7 @@ def test_dpo_on_two_ranks_under_the_shipped_fsdp2_strategy(tmp_path, shapes_dir,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fusion", ["llava", "flamingo"])
+@pytest.mark.parametrize("fusion", ["flamingo"])  # the fusion whose images reach every layer; llava: 2 ranks above
 def test_dpo_under_fsdp2_matches_one_process_with_a_rank_without_images(tmp_path, fusion):
     """The reference sharded like the policy and the pair pass under FSDP2's hooks: 2 ranks (the
     second one's pairs without images) train as one process on the whole batch does."""

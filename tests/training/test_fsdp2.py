@@ -51,14 +51,14 @@ def test_two_ranks_match_one_process_and_checkpoint_consolidates(tmp_path, singl
     assert meta["global_step"] == 5
 
 
-@pytest.mark.parametrize("fusion", ["llava", "flamingo"])
+@pytest.mark.parametrize("fusion", ["flamingo"])  # llava: under DDP below (each fusion once keeps make test in budget)
 def test_a_rank_without_images_does_not_hang(tmp_path, fusion):
     out = tmp_path / "out"
     run(out, "--devices", "2", "--steps", "2", "--fusion", fusion, "--text-only-rank", "1")
     assert len(losses(out, 2)) == 2
 
 
-@pytest.mark.parametrize("fusion", ["llava", "flamingo"])
+@pytest.mark.parametrize("fusion", ["llava"])  # flamingo: under FSDP2 above
 def test_a_rank_without_images_does_not_hang_under_ddp(tmp_path, fusion):
     # Without the blank image, DDP waits forever for the vision tower's gradients of the text-only rank.
     out = tmp_path / "out"

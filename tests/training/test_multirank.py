@@ -55,7 +55,8 @@ def run_cli(args: list[str], cwd: Path, *, expect: int = 0):
     return run_ranks(["-m", "vlm.cli", *args], cwd=cwd, timeout=TIMEOUT, expect=expect)
 
 
-@pytest.mark.parametrize("base, fusion", [(b, f) for b in ("shapes.yaml", "own_data.yaml") for f in ("llava", "flamingo")])
+# each shipped base recipe and each fusion once (the two bases share their model; crossing them keeps make test in budget)
+@pytest.mark.parametrize("base, fusion", [("shapes.yaml", "flamingo"), ("own_data.yaml", "llava")])
 def test_shipped_recipe_trains_validates_and_checkpoints_on_two_ranks(tmp_path, shapes_dir, base, fusion):
     ragged = {"class_path": "training_helpers.RaggedStops", "init_args": {"out": str(tmp_path / "val")}}
     run_cli(recipe_args(tmp_path, shapes_dir, fusion, max_steps=2, every=2, extra_callbacks=[ragged], base=base), tmp_path)

@@ -25,27 +25,9 @@ def _run_cli(args: list[str], tmp_path, *, expect: int | None = None) -> subproc
     return result
 
 
-@pytest.mark.slow
-def test_resume_after_sigkill_is_bitwise_exact(tmp_path, shapes_dir):
-    straight = tmp_path / "straight"
-    straight.mkdir()
-    _run_cli(fit_args(tiny_recipe(straight, shapes_dir, max_steps=12), "llava"), straight, expect=0)
-    expected = read_losses(straight / "run")
-    assert len(expected) == 12
-
-    killed = tmp_path / "killed"
-    killed.mkdir()
-    recipe = tiny_recipe(killed, shapes_dir, max_steps=12)
-    kill = ["--trainer.callbacks+=training_helpers.KillAtStep", "--trainer.callbacks.step=6"]
-    result = _run_cli(fit_args(recipe, "llava", *kill), killed)
-    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
-    assert sorted(read_losses(killed / "run")) == list(range(6))
-
-    _run_cli(fit_args(recipe, "llava", "--ckpt_path", "last"), killed, expect=0)
-    resumed = read_losses(killed / "run")
-    assert sorted(resumed) == list(range(12))
-    for step in range(6, 12):  # steps 7-12, counted from 1
-        assert resumed[step] == expected[step], (step, resumed[step], expected[step])
+# SIGKILL then --ckpt_path last, bitwise: single process in test_dpo.py::test_dpo_resume_after_sigkill_is_bitwise_exact
+# (the same checkpoint and resume path under the DPO objective), sharded on 2 ranks in
+# test_multirank.py::test_sharded_sigkill_resume_is_exact_and_the_directory_exports.
 
 
 def test_truncated_checkpoint_is_never_last(tmp_path, shapes_dir):

@@ -44,6 +44,10 @@ def test_scores_and_counts(shards):
                       batch_size=5, progress=False)
     assert report["metrics"]["exact_match"] == 0.5
     assert [s["exact"] for s in report["samples"]] == [True, False] * 6
+    # shapes samples carry their scene: the right half is exact, "a purple cloud." is malformed
+    assert report["hallucination"]["exact_rate"] == 0.5 and report["hallucination"]["malformed_rate"] == 0.5
+    assert report["hallucination"]["hallucination_rate"] == 0.0
+    assert [s["errors"] for s in report["samples"]] == [[], None] * 6
     skipped = Counter()
     assert list(caption_examples(sorted((shards / "chat").glob("val-*.tar")), skipped=skipped)) == []
     assert skipped == {"not a caption sample (chat)": 12}
@@ -64,7 +68,8 @@ def test_cli_writes_report_and_grid(shards, model_dir, tmp_path, capsys):
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert report["images"] == 5 and set(report["metrics"]) >= {"exact_match", "bleu4", "cider_d"}
     assert (tmp_path / "eval" / "captions.png").stat().st_size > 1000
-    assert "exact match" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "exact match" in out and "of captions contradict their image" in out and "hallucination_rate" in report["hallucination"]
     assert main(["evaluate", "--model", str(model_dir), "--data", str(tmp_path / "none-*.tar")]) == 2
 
 

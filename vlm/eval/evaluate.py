@@ -6,6 +6,10 @@ report's "baselines" section and in a table on the console: the most frequent tr
 every image, and the caption of the training image nearest to each image by the model's own vision
 tower (mean-pooled tokens, cosine similarity; see vlm.eval.baselines).
 
+On the synthetic shapes data (samples whose json holds their `scene`), the report also has the
+hallucination rate: the share of captions that contradict their image in some attribute (see
+vlm.eval.hallucination), with the attribute of each wrong caption in its sample entry.
+
 Samples that cannot be used are skipped and counted by reason; the first error of each reason (e.g.
 an image over the pixel limit every vlm command applies, `DEFAULT_MAX_PIXELS`) is printed on stderr,
 naming the shard, sample and member."""
@@ -35,6 +39,7 @@ from vlm.data.pipeline import expand_shards
 from vlm.errors import UserError
 from vlm.eval.baselines import embed_images, most_frequent_caption, nearest_neighbours, pool_tokens
 from vlm.eval.grid import caption_grid
+from vlm.eval.hallucination import caption_errors, hallucination_metrics
 from vlm.eval.metrics import caption_metrics, normalise_caption
 from vlm.features import fingerprint
 
@@ -45,6 +50,7 @@ class CaptionExample:
     image: Image.Image
     references: list[str]
     member: str = "jpg"  # the image's member name in its shard (e.g. "png")
+    scene: dict | None = None  # the synthetic shapes data's truth (json "scene"): hallucination is scored
 
 
 def caption_examples(shards: Sequence[str | Path], *, limit: int | None = None, skipped: Counter | None = None,
@@ -84,7 +90,8 @@ def _example(raw: dict, skipped: Counter, errors: dict[str, str]) -> CaptionExam
     if len(members) != 1 or not references:
         skipped["missing image or caption"] += 1
         return None
-    return CaptionExample(sample["__key__"], sample[members[0]], [r.strip() for r in references], members[0])
+    scene = meta.get("scene") if isinstance(meta.get("scene"), dict) else None
+    return CaptionExample(sample["__key__"], sample[members[0]], [r.strip() for r in references], members[0], scene)
 
 
 def evaluate(captioner: Captioner, shards: Sequence[str | Path], *, limit: int | None = None, batch_size: int = 32,
@@ -118,7 +125,11 @@ def evaluate(captioner: Captioner, shards: Sequence[str | Path], *, limit: int |
     samples = [{"key": e.key, "prediction": p, "references": e.references,
                 "exact": normalise_caption(p) in {normalise_caption(r) for r in e.references}}
                for e, p in zip(examples, predictions)]
-    report = {"metrics": metrics}
+    report: dict[str, Any] = {"metrics": metrics}
+    if all(e.scene is not None for e in examples):  # shapes data: every caption can be checked
+        report["hallucination"] = hallucination_metrics(predictions, [e.scene for e in examples])
+        for sample, example in zip(samples, examples):
+            sample["errors"] = caption_errors(sample["prediction"], example.scene)
     settings = {"limit": limit, "batch_size": batch_size, "max_new_tokens": max_new_tokens, **search}
     if train_shards is not None:
         settings["train_limit"] = train_limit
@@ -277,6 +288,11 @@ def _train_shards(args: argparse.Namespace) -> list[str] | None:
 
 def _print_summary(report: dict) -> None:
     m = report["metrics"]
+    if "hallucination" in report:
+        h = report["hallucination"]
+        wrong = ", ".join(f"{name} {share:.1%}" for name, share in h["by_attribute"].items() if share)
+        print(f"hallucination: {h['hallucination_rate']:.1%} of captions contradict their image"
+              f"{f' ({wrong})' if wrong else ''}; malformed {h['malformed_rate']:.1%}")
     if "baselines" not in report:
         print(f"{report['images']} images: exact match {m['exact_match']:.3f}, BLEU-4 {m['bleu4']:.3f}, "
               f"CIDEr-D {m['cider_d']:.3f}")

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from tiny_models import IMAGE_ID, images, open_gates, tiny_model
 from training_helpers import ROOT, read_losses, run_ranks, tiny_recipe
 
 from vlm.data.collate import Collator
-from vlm.data.formats import EncodedPreference
+from vlm.data.formats import EncodedPreference, EncodedSample
 from vlm.data.shapes import DEFAULT_VARIANTS, make_shapes_dataset
 from vlm.errors import UserError
 from vlm.features import weights_hash
@@ -37,6 +38,10 @@ CONFIGS = ROOT / "configs"
 
 def preference_batch(model, seed: int = 0):
     """Three pairs with 1, 2 and 0 images, prompts and answers of different lengths."""
+    return Collator(pad_id=0, image_id=IMAGE_ID, image_token_count=model.tokens_per_image)(preference_pairs(seed))
+
+
+def preference_pairs(seed: int = 0, size: int = 16) -> list[EncodedPreference]:
     g = torch.Generator().manual_seed(seed)
     tokens = lambda n: torch.randint(10, 64, (n,), generator=g).tolist()  # noqa: E731
     pairs = []
@@ -44,8 +49,12 @@ def preference_batch(model, seed: int = 0):
         prompt = [1, *[IMAGE_ID] * count, *tokens(3 + index)]
         chosen, rejected = tokens(4 + index), tokens(2 + 3 * index)
         pairs.append(EncodedPreference(f"p{index}", prompt + chosen, [-100] * len(prompt) + chosen,
-                                       prompt + rejected, [-100] * len(prompt) + rejected, images(count, seed=index)))
-    return Collator(pad_id=0, image_id=IMAGE_ID, image_token_count=model.tokens_per_image)(pairs)
+                                       prompt + rejected, [-100] * len(prompt) + rejected, _images(count, index, size)))
+    return pairs
+
+
+def _images(count: int, seed: int, size: int) -> list[torch.Tensor]:
+    return [F.interpolate(image[None], size=size)[0] for image in images(count, seed=seed)]
 
 
 def count_calls(module) -> list[int]:
@@ -223,6 +232,25 @@ def test_dpo_needs_preference_batches(tmp_path, shapes_dir, capsys):
     assert main(dpo_args("llava", recipe)) == 2
     err = capsys.readouterr().err
     assert "model.objective dpo trains on preference pairs" in err and "Traceback" not in err
+
+
+def test_next_token_on_pairs_trains_the_chosen_answers(tmp_path, shapes_dir, pairs_dir):
+    # the recipe without configs/stage/dpo.yaml: supervised fine-tuning on the chosen answers
+    recipe = dpo_recipe(tmp_path, shapes_dir, pairs_dir, max_steps=2, every=2)
+    module = fit([CONFIGS / "shapes.yaml", CONFIGS / "fusion" / "llava.yaml", recipe], tmp_path / "run").model
+    assert module.reference is None and module.objective == "next_token"
+    rows = metrics(tmp_path / "run")
+    assert sum("train/loss" in row for row in rows) == 2 and not any("train/rewards/chosen" in row for row in rows)
+    assert any("val/loss" in row and "val/exact_match" in row for row in rows)
+    # what it trains: the loss of the chosen answers alone, collated as ordinary samples
+    pairs = preference_pairs(size=64)  # the shapes recipe's image size
+    collate = Collator(pad_id=0, image_id=IMAGE_ID, image_token_count=module.model.tokens_per_image)
+    batch = collate(pairs)
+    chosen = collate([EncodedSample(p.key, p.chosen_ids, p.chosen_labels, p.images) for p in pairs])
+    with torch.no_grad():
+        ours = module.model(module._sft_rows(batch), return_logits=False).loss
+        separate = module.model(chosen, return_logits=False).loss
+    torch.testing.assert_close(ours, separate, rtol=1e-6, atol=1e-6)
 
 
 def copy_pairs(pairs_dir: Path, to: Path) -> Path:

@@ -41,8 +41,9 @@ class VLMModule(L.LightningModule):
         max_new_tokens: generation length for those captions.
         label_smoothing: spread this much of each training target over the whole vocabulary (the
             training loss only; validation reports the plain next-token loss).
-        objective: `next_token` (the captions/answers' likelihood) or `dpo` (preference pairs against
-            a frozen copy of the starting model, see `vlm.training.preference`).
+        objective: `next_token` (the captions/answers' likelihood; of preference pairs, the chosen
+            answers') or `dpo` (preference pairs against a frozen copy of the starting model, see
+            `vlm.training.preference`).
         preference: the DPO-family loss settings when `objective` is dpo.
     """
 
@@ -90,6 +91,7 @@ class VLMModule(L.LightningModule):
         self.reference: Reference | None = None  # dpo: the starting model, frozen (not a submodule), or its cache
         self._share_features = False
         self.nonfinite_steps = 0
+        self._warned_sft_on_chosen = False
         self._captions: list[tuple[torch.Tensor, str, str]] = []
         self.last_captions: list[tuple[torch.Tensor, str, str]] = []
 
@@ -165,6 +167,7 @@ class VLMModule(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         check_preference_batch(batch, self.objective)
+        batch = self._sft_rows(batch)
         metrics, rows = {}, batch.input_ids.shape[0]
         if getattr(batch, "pairs", None) is not None:
             out = self._preference_step(batch)
@@ -182,6 +185,16 @@ class VLMModule(L.LightningModule):
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=False)
         self.log("train/target_tokens", float(tokens), reduce_fx="sum")
         return loss
+
+    def _sft_rows(self, batch: Any) -> Any:
+        """Without a reference (model.objective next_token), preference pairs train their chosen answers."""
+        if getattr(batch, "pairs", None) is None or self.reference is not None:
+            return batch
+        if not self._warned_sft_on_chosen:
+            self._warned_sft_on_chosen = True
+            log.info("preference pairs under model.objective next_token: training on the chosen answers "
+                     "(add --config configs/stage/dpo.yaml for DPO)")
+        return chosen_rows(batch)
 
     def _skip_nonfinite(self, batch_idx: int) -> None:
         self.nonfinite_steps += 1
@@ -214,6 +227,7 @@ class VLMModule(L.LightningModule):
     def _evaluation_step(self, batch: Any, prefix: str) -> None:
         """Next-token loss, or on preference pairs the DPO loss and TRL's metrics; then captions
         (of a preference batch: from the shared prompt, scored against the chosen answer)."""
+        batch = self._sft_rows(batch)
         if getattr(batch, "pairs", None) is not None:
             out = self._preference_step(batch)
             self.log(f"{prefix}/loss", out.loss, prog_bar=True, batch_size=batch.pairs, sync_dist=True)

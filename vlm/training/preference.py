@@ -118,9 +118,6 @@ def check_preference_batch(batch: Any, objective: str) -> None:
     if objective == "dpo" and getattr(batch, "pairs", None) is None:
         raise UserError("model.objective dpo trains on preference pairs, but data.train_shards holds other samples "
                         "(make pairs with `vlm data shapes --variants preference` or `vlm data from-preference`)")
-    if objective != "dpo" and getattr(batch, "pairs", None) is not None:
-        raise UserError(f"a preference batch under model.objective {objective}: add --config configs/stage/dpo.yaml "
-                        "(model.objective: dpo) to train on preference pairs")
 
 
 class Reference:

@@ -20,15 +20,6 @@ from vlm.adapters import (
 from vlm.text.llama import Llama, LlamaConfig
 
 
-def randomise_adapters(model: nn.Module, seed: int = 1, std: float = 0.05) -> None:
-    """B away from zero (and DoRA magnitudes away from the row norms), so the adapters matter; the
-    updates s B A are then about as large as the base weights (std 0.02)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lora_parameters(model):
-            p.add_(torch.randn(p.shape, generator=g) * std)
-
-
 @pytest.mark.parametrize("use_dora", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
 def test_fresh_adapter_equals_base(use_dora, bias):
@@ -46,14 +37,14 @@ def test_fresh_adapter_equals_base(use_dora, bias):
     torch.testing.assert_close(lora.weight, base.weight, atol=1e-7, rtol=0)
 
 
-def test_one_step_moves_only_the_adapters():
+def test_one_step_moves_only_the_adapters(randomise):
     model = tiny_model("llava").train()
     frozen_before = {n for n, p in model.named_parameters() if not p.requires_grad}  # the vision tower
     names = apply_lora(model, LoRAConfig(rank=4, targets=["*.attention.wq", "*.attention.wv", "*.feed_forward.w2"]))
     assert len(names) == 3 * model.config.text.n_layers
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert frozen == frozen_before | {f"{n}.base.weight" for n in names}  # apply_lora freezes the bases only
-    randomise_adapters(model)  # with B = 0 the gradient of A is zero
+    randomise(model)  # with B = 0 the gradient of A is zero
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.AdamW(lora_parameters(model), lr=1e-2)
     batch = batch_from(model, [[1, IMAGE_ID, 7, 8, 9, 10]], [images(1)], labels=True)
@@ -65,7 +56,7 @@ def test_one_step_moves_only_the_adapters():
 
 
 @pytest.mark.parametrize("fusion,use_dora", [("llava", False), ("flamingo", True)])
-def test_merged_logits_equal_adapted(fusion, use_dora):
+def test_merged_logits_equal_adapted(fusion, use_dora, randomise):
     model = tiny_model(fusion)
     if fusion == "flamingo":
         open_gates(model, 0.5)
@@ -74,7 +65,7 @@ def test_merged_logits_equal_adapted(fusion, use_dora):
                         targets=["text.layers.*", "text.output", "vision.*.qkv", "fusion.*"])
     names = apply_lora(model, config)
     assert "text.output" in names and any(n.startswith("fusion.") for n in names)
-    randomise_adapters(model)
+    randomise(model)
     batch = batch_from(model, [[1, IMAGE_ID, 7, 8, 9], [2, 3, IMAGE_ID, 4, 11]], [images(1), images(1, seed=1)],
                        labels=True)
     with torch.no_grad():
@@ -89,15 +80,16 @@ def test_merged_logits_equal_adapted(fusion, use_dora):
     torch.testing.assert_close(merged.loss, adapted.loss, atol=1e-5, rtol=1e-5)
 
 
-def test_adapter_state_dict_round_trip():
+def test_adapter_state_dict_round_trip(randomise):
     model = tiny_model("llava")
     names = apply_lora(model, LoRAConfig(rank=2, use_dora=True, targets=["*.attention.wq"]))
-    randomise_adapters(model)
+    randomise(model)
     state = adapter_state_dict(model)
     assert set(state) == {f"{n}.{t}" for n in names for t in ("lora_A", "lora_B", "magnitude")}
     other = tiny_model("llava")
     apply_lora(other, LoRAConfig(rank=2, use_dora=True, targets=["*.attention.wq"]))
     load_adapter_state_dict(other, state)
+    assert not any(m.training for m in lora_modules(other).values())  # the eval model stays in eval mode
     ids = torch.randint(0, 64, (2, 9))
     with torch.no_grad():
         assert torch.equal(other.text(ids), model.text(ids))

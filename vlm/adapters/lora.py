@@ -47,6 +47,7 @@ class LoRALinear(nn.Module):
         if use_dora:
             with torch.no_grad():
                 self.magnitude = nn.Parameter(self._row_norm(self.base_weight()))
+        self.train(base.training)  # a model in eval mode stays there (no adapter dropout)
 
     @property
     def use_dora(self) -> bool:
@@ -76,12 +77,15 @@ class LoRALinear(nn.Module):
         # x [..., in] -> [..., out]
         dtype = self.lora_A.dtype
         update = F.linear(F.linear(self.dropout(x).to(dtype), self.lora_A), self.lora_B) * self.scaling
+        bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.magnitude is None:
-            return self.base(x) + update.to(x.dtype)
+            # torchao's F.linear on an NF4 weight dequantises it to x's dtype, but adds the bias as is.
+            base = self.base(x) if bias is None or not is_nf4(self.base.weight) else F.linear(x, self.base.weight) + bias
+            return base + update.to(x.dtype)
         # DoRA scales the weight's product only, so the bias is added after the rescaling.
         scale = self.magnitude / self._row_norm(self.base_weight().to(dtype) + self.delta()).detach()
         out = (F.linear(x, self.base.weight) + update.to(x.dtype)) * scale.to(x.dtype)
-        return out if self.bias is None else out + self.bias
+        return out if bias is None else out + bias
 
     @staticmethod
     def _row_norm(weight: torch.Tensor) -> torch.Tensor:
@@ -97,7 +101,7 @@ class LoRALinear(nn.Module):
         linear.weight = nn.Parameter(self.weight.to(dtype), requires_grad=False)
         if self.bias is not None:
             linear.bias = self.bias
-        return linear
+        return linear.train(self.training)
 
     def extra_repr(self) -> str:
         kind = "nf4" if is_nf4(self.base.weight) else str(self.base.weight.dtype)

@@ -88,3 +88,7 @@ def test_peft_layout_errors(tmp_path):
     apply_lora(other, LoRAConfig(rank=2, targets=["*.attention.wq"]))
     with pytest.raises(ValueError, match="text.layers.0.attention.wq already has an adapter of rank 2"):
         load_peft_adapter(other, tmp_path / "a")
+    config_file = tmp_path / "a" / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "use_rslora": True}))
+    with pytest.raises(ValueError, match="use_rslora=True is not supported"):
+        load_peft_adapter(tiny_model("llava"), tmp_path / "a")

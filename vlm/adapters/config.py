@@ -43,7 +43,8 @@ class LoRAConfig:
         _check(_is_number(self.alpha) and self.alpha > 0, "alpha", "a positive number", self.alpha)
         _check(_is_number(self.dropout) and 0.0 <= self.dropout < 1.0, "dropout", "a number in [0, 1)", self.dropout)
         _check(_is_string_list(self.targets), "targets", "a non-empty list of glob strings", self.targets)
-        _check(_is_string_list(self.parts) and set(self.parts) <= set(PARTS) and len(set(self.parts)) == len(self.parts),
+        distinct_parts = _is_string_list(self.parts) and len(set(self.parts)) == len(self.parts)
+        _check(distinct_parts and set(self.parts) <= set(PARTS),
                "parts", f"a non-empty list of distinct names from {list(PARTS)}", self.parts)
         _check(isinstance(self.use_dora, bool), "use_dora", "true or false", self.use_dora)
         _check(self.quantize_base is None or self.quantize_base in QUANTIZATIONS,

@@ -32,6 +32,8 @@ class LoRALinear(nn.Module):
         super().__init__()
         if quantize_base not in (None, "nf4"):
             raise ValueError(f"quantize_base must be None or 'nf4', got {quantize_base!r}")
+        if rank <= 0:
+            raise ValueError(f"rank must be positive, got {rank}")
         self.in_features, self.out_features = base.in_features, base.out_features
         self.rank, self.scaling = rank, alpha / rank
         base.requires_grad_(False)
@@ -46,7 +48,7 @@ class LoRALinear(nn.Module):
         self.magnitude = None
         if use_dora:
             with torch.no_grad():
-                self.magnitude = nn.Parameter(self._row_norm(self.base_weight()))
+                self.magnitude = nn.Parameter(torch.linalg.vector_norm(self.base_weight(), dim=1))  # [out]
         self.train(base.training)  # a model in eval mode stays there (no adapter dropout)
 
     @property
@@ -71,7 +73,11 @@ class LoRALinear(nn.Module):
         combined = self.base_weight().to(self.lora_A.dtype) + self.delta()
         if self.magnitude is None:
             return combined
-        return combined * (self.magnitude / self._row_norm(combined).detach())[:, None]
+        return combined * self._dora_scale(combined)[:, None]
+
+    def _dora_scale(self, combined: torch.Tensor) -> torch.Tensor:
+        """m / ||W + s B A|| per output row [out]; the norm is a constant for the gradient."""
+        return self.magnitude / torch.linalg.vector_norm(combined, dim=1).detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x [..., in] -> [..., out]
@@ -80,25 +86,20 @@ class LoRALinear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.magnitude is None:
             # torchao's F.linear on an NF4 weight dequantises it to x's dtype, but adds the bias as is.
-            base = self.base(x) if bias is None or not is_nf4(self.base.weight) else F.linear(x, self.base.weight) + bias
-            return base + update.to(x.dtype)
+            if bias is not None and is_nf4(self.base.weight):
+                return F.linear(x, self.base.weight) + bias + update.to(x.dtype)
+            return self.base(x) + update.to(x.dtype)
         # DoRA scales the weight's product only, so the bias is added after the rescaling.
-        scale = self.magnitude / self._row_norm(self.base_weight().to(dtype) + self.delta()).detach()
+        scale = self._dora_scale(self.base_weight().to(dtype) + self.delta())
         out = (F.linear(x, self.base.weight) + update.to(x.dtype)) * scale.to(x.dtype)
         return out if bias is None else out + bias
-
-    @staticmethod
-    def _row_norm(weight: torch.Tensor) -> torch.Tensor:
-        return torch.linalg.vector_norm(weight, dim=1)  # [out]: one norm per output feature
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:
         """A plain nn.Linear (frozen) computing what this module computes in eval mode: weight
         W + s B A (DoRA-rescaled), dequantised from NF4, in the base's dtype; the base's bias."""
-        dtype = self.base.weight.dtype
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=self.lora_A.device, dtype=dtype)
-        linear.weight = nn.Parameter(self.weight.to(dtype), requires_grad=False)
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight = nn.Parameter(self.weight.to(self.base.weight.dtype), requires_grad=False)
         if self.bias is not None:
             linear.bias = self.bias
         return linear.train(self.training)

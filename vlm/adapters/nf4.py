@@ -16,6 +16,11 @@ scale (half a step `M / 256` when rounding, a whole step when +M rounds to 128 a
 `F.linear(x, nf4_weight)` dequantises the weight to `x`'s dtype (torchao's `linear_nf4`), so the
 matmul runs in the input's dtype on any device, CPU included. torchao is imported on first use
 (it takes seconds), so a model without NF4 weights never pays for it.
+
+Caveats of torchao 0.18's NF4Tensor: `module.to(dtype)` re-quantises the rounded weights (values
+move; cast the model to its compute dtype before quantising); `clone` / `copy.deepcopy`
+re-quantise with the default block sizes, so a weight of fewer than 256 blocks cannot be
+deep-copied; safetensors cannot store it (save `adapter_state_dict` and rebuild the base).
 """
 
 from __future__ import annotations

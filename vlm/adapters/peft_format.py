@@ -92,8 +92,9 @@ def load_peft_adapter(model: nn.Module, path: str | Path, *, quantize_base: str 
     for name in sorted(set(names) - set(fresh)):
         module = model.get_submodule(name)
         if (module.rank, module.scaling, module.use_dora) != (rank, alpha / rank, use_dora):
-            raise ValueError(f"{path}: {name} already has an adapter of rank {module.rank}, scaling {module.scaling:g}, "
-                             f"dora {module.use_dora}; the file has rank {rank}, scaling {alpha / rank:g}, dora {use_dora}")
+            raise ValueError(f"{path}: {name} already has an adapter of rank {module.rank}, scaling "
+                             f"{module.scaling:g}, dora {module.use_dora}; the file has rank {rank}, scaling "
+                             f"{alpha / rank:g}, dora {use_dora}")
     wrap_linears(model, fresh, rank=rank, alpha=alpha, dropout=dropout, use_dora=use_dora, quantize_base=quantize_base)
     with torch.no_grad():
         for name, tensors in state.items():
@@ -118,7 +119,17 @@ def _text_part(model: nn.Module) -> tuple[Llama, str]:
 
 def _hf_module(name: str) -> str:
     """`layers.3.attention.wq` -> `model.layers.3.self_attn.q_proj` (names relative to the Llama)."""
-    return ours_to_hf(f"{name}.weight").removesuffix(".weight")
+    hf = _hf_name(name)
+    if hf is None:
+        raise ValueError(f"{name} has no Hugging Face Llama name (vlm.checkpoints.ours_to_hf)")
+    return hf
+
+
+def _hf_name(name: str) -> str | None:
+    try:
+        return ours_to_hf(f"{name}.weight").removesuffix(".weight")
+    except KeyError:
+        return None
 
 
 def _dropout(module: LoRALinear) -> float:
@@ -130,9 +141,9 @@ def _target_modules(text: nn.Module, adapters: dict[str, LoRALinear]) -> list[st
     pick exactly the adapted modules, otherwise the full names."""
     adapted = {_hf_module(n) for n in adapters}
     suffixes = {n.rsplit(".", 1)[-1] for n in adapted}
-    linears = {_hf_module(n) for n, m in text.named_modules() if isinstance(m, (nn.Linear, LoRALinear))
-               and not n.endswith(".base")}
-    picked = {n for n in linears if n.rsplit(".", 1)[-1] in suffixes}
+    linears = [_hf_name(n) for n, m in text.named_modules()
+               if isinstance(m, (nn.Linear, LoRALinear)) and not n.endswith(".base")]
+    picked = {n for n in linears if n is not None and n.rsplit(".", 1)[-1] in suffixes}
     return sorted(suffixes) if picked == adapted else sorted(adapted)
 
 
@@ -143,8 +154,10 @@ def _read_config(file: Path) -> dict:
         config = json.loads(file.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{file} is not valid JSON: {error}") from None
-    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
-        raise ValueError(f"{file}: peft_type must be LORA, got {config.get('peft_type') if isinstance(config, dict) else config!r}")
+    if not isinstance(config, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(config).__name__}")
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{file}: peft_type must be LORA, got {config.get('peft_type')!r}")
     if not isinstance(config.get("r"), int) or config["r"] <= 0:
         raise ValueError(f"{file}: r must be a positive integer, got {config.get('r')!r}")
     for key, neutral in _NEUTRAL.items():

@@ -136,3 +136,39 @@ def test_real_images_sequence_runs(tmp_path, monkeypatch, capsys):
     assert "retrieval" in out and "most frequent" in out
     report = json.loads((tmp_path / "outputs" / "emoji" / "llava" / "eval" / "report.json").read_text())
     assert report["settings"]["num_beams"] == 3 and report["baselines"]["train_images"] > report["images"] > 0
+
+
+@pytest.mark.slow
+def test_preference_sequence_and_bench_run(tmp_path, monkeypatch, capsys):
+    """The "Preference tuning (DPO)" commands, verbatim but for a tiny model and data, then
+    scripts/preference_bench.py (the comparison the section reports) on the same data."""
+    import importlib.util
+
+    sequence = commands("Preference tuning (DPO)")
+    assert [c.split()[1] for c in sequence] == ["fit", "fit", "export", "evaluate"]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    tiny_recipe = {**TINY, "data": {**TINY["data"], "shapes": {"train": 48, "val": 16}}}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tiny_recipe))
+    for command in sequence:
+        capsys.readouterr()
+        assert main(tiny(command)) == 0, (command, capsys.readouterr().err[-2000:])
+    out = capsys.readouterr().out
+    assert "of captions contradict their image" in out
+    report = json.loads((tmp_path / "outputs" / "dpo" / "llava" / "model" / "eval" / "report.json").read_text())
+    assert report["images"] == 16 and "hallucination_rate" in report["hallucination"]
+
+    spec = importlib.util.spec_from_file_location("preference_bench", ROOT / "scripts" / "preference_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    results = tmp_path / "preference.json"
+    assert bench.main(["--fusions", "llava", "--sft-steps", "4", "--dpo-steps", "4", "--val-every", "2",
+                       "--eval-limit", "6", "--out", "outputs/bench", "--extra-config", "tiny.yaml",
+                       "--threads", "1", "--results", str(results)]) == 0
+    measured = json.loads(results.read_text())["fusions"]["llava"]
+    assert measured["steps"]["sft"] == measured["steps"]["dpo"] == 4 and measured["steps"]["more_sft"] >= 1
+    assert {m["images"] for m in measured["metrics"].values()} == {6}
+    assert [c["command"].split()[1] for c in measured["commands"]] == ["fit"] * 3 + ["export", "evaluate"] * 3
+    assert measured["dpo_curves"]["val/rewards/accuracies"]  # DPO validated (every 2 steps)
+    assert results.with_suffix(".png").stat().st_size > 1000
+    assert "| llava | + DPO | 4 |" in capsys.readouterr().out

@@ -52,6 +52,25 @@ def tiny_recipe(tmp_path: Path, shapes_dir: Path, *, max_steps: int = 12, every:
     return path
 
 
+def pretrain_tower(recipe: Path, fusion: str = "llava", *, weights: Path | None = None) -> Path:
+    """Save the recipe's vision tower to `weights` (default: beside the recipe), unless that file
+    exists, and load it from there (`model.config.vision.checkpoint_path`): a frozen tower is a
+    pretrained one, and `vlm features build` and `vlm fit` then start from the same weights (each
+    would draw its own random tower otherwise). Returns the weights file."""
+    import torch
+
+    from vlm.training.features import recipe_tower
+
+    configs = [str(ROOT / "configs" / "shapes.yaml"), str(ROOT / "configs" / "fusion" / f"{fusion}.yaml"), str(recipe)]
+    weights = weights or recipe.with_name("pretrained_tower.pt")
+    if not weights.exists():
+        torch.save(recipe_tower(configs)[0].vision.model.state_dict(), weights)
+    spec = yaml.safe_load(recipe.read_text())
+    spec["model"]["config"]["vision"]["checkpoint_path"] = str(weights)
+    recipe.write_text(yaml.safe_dump(spec))
+    return weights
+
+
 def fit_args(recipe: Path, fusion: str = "llava", *more: str) -> list[str]:
     return ["fit", "--config", str(ROOT / "configs" / "shapes.yaml"), "--config", str(ROOT / "configs" / "fusion" / f"{fusion}.yaml"),
             "--config", str(recipe), *more]
@@ -68,6 +87,32 @@ def read_losses(run_dir: Path) -> dict[int, str]:
                 if row.get("train/loss"):
                     losses[int(row["step"])] = row["train/loss"]
     return losses
+
+
+class Losses(L.Callback):
+    """This rank's training loss (`values`), step (`steps`) and batch image count (`images`) at each
+    training step; with `out`, written to `out/losses_rank{r}.json` when fit ends."""
+
+    def __init__(self, out: str | None = None) -> None:
+        self.out = out
+        self.values, self.steps, self.images = [], [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        images = getattr(batch, "image_features", None)
+        images = getattr(batch, "pixel_values", None) if images is None else images
+        self.steps.append(trainer.global_step)
+        self.images.append(0 if images is None else len(images))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.values.append(float(outputs["loss"]))
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if self.out is not None:
+            import json
+
+            Path(self.out).mkdir(parents=True, exist_ok=True)
+            record = {"steps": self.steps, "losses": self.values, "images": self.images}
+            (Path(self.out) / f"losses_rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
 class KillAtStep(L.Callback):

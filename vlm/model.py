@@ -106,15 +106,16 @@ class VisionLanguageModel(nn.Module):
         """The fusion loop. Returns final normalised hidden states [B, T, D] and the fusion state.
 
         A batch with `image_features` (a frozen tower's outputs, cached by `vlm features build`)
-        skips the tower: those are exactly what `self.vision(pixel_values)` would return."""
+        skips the tower: those are exactly what `self.vision(pixel_values)` would return. Such a
+        batch without images has them empty, [0, Nv, Dv] (`vlm.data.features.FeatureCollator`)."""
         pixels = getattr(batch, "pixel_values", None)
         features = getattr(batch, "image_features", None)
         if features is not None and features.shape[0] > 0:
-            state = self.fusion.prepare(features.to(self.text.tok_embeddings.weight.device), batch, state)
+            state = self.fusion.prepare(features, batch, state)
         elif pixels is not None and pixels.shape[0] > 0:
             state = self.fusion.prepare(self.vision(pixels), batch, state)
         elif self.blank_image_when_missing and state is None:
-            state = self.fusion.prepare_blank(self.vision(self._blank_image()), batch)
+            state = self.fusion.prepare_blank(self._blank_features(features), batch)
         else:
             state = self.fusion.prepare(None, batch, state)
         input_ids = batch.input_ids
@@ -126,10 +127,14 @@ class VisionLanguageModel(nn.Module):
             h = layer(h, ctx)
         return self.text.norm(h), state
 
-    def _blank_image(self) -> torch.Tensor:
-        weight = self.text.tok_embeddings.weight
-        size = self.vision.image_size
-        return torch.zeros(1, 3, size, size, device=weight.device, dtype=torch.float32)
+    def _blank_features(self, features: torch.Tensor | None) -> torch.Tensor:
+        """[1, Nv, Dv] of a blank image, for a batch without images. A batch of cached features gets
+        zeros: no rank of a features run runs the tower in training, and all ranks must issue the
+        same collectives. Any other batch gets the tower's output on an all-zero image."""
+        if features is not None:
+            return features.new_zeros(1, self.vision.num_tokens, self.vision.dim)
+        size, device = self.vision.image_size, self.text.tok_embeddings.weight.device
+        return self.vision(torch.zeros(1, 3, size, size, device=device, dtype=torch.float32))
 
     @torch.no_grad()
     def generate(

@@ -16,6 +16,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for tiny_models
 from tiny_models import IMAGE_ID, images, tiny_model  # noqa: E402
+from training_helpers import Losses  # noqa: E402
 
 from vlm.data.collate import Collator  # noqa: E402
 from vlm.data.formats import EncodedPreference  # noqa: E402
@@ -39,14 +40,6 @@ def global_pairs(steps: int, text_only: set[int]) -> list[list[EncodedPreference
                                            [] if index in text_only else images(1, seed=100 * step + index)))
         out.append(pairs)
     return out
-
-
-class Losses(L.Callback):
-    def __init__(self):
-        self.values = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.values.append(float(outputs["loss"]))
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for tiny_models
 from tiny_models import IMAGE_ID, batch_from, images, tiny_model  # noqa: E402
+from training_helpers import Losses  # noqa: E402
 
 from vlm.training.module import VLMModule  # noqa: E402
 from vlm.training.optim import OptimConfig  # noqa: E402
@@ -39,14 +40,6 @@ def global_batches(model, steps: int, text_only_rows: set[int]):
                 imgs.append(images(1, seed=1000 * step + r))
         out.append((rows, imgs))
     return out
-
-
-class Losses(L.Callback):
-    def __init__(self):
-        self.values = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.values.append(float(outputs["loss"]))
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import yaml
-from training_helpers import ROOT, fit_args, read_losses, tiny_recipe
+from training_helpers import ROOT, fit_args, pretrain_tower, read_losses, tiny_recipe
 
 from vlm.cli import main
 from vlm.data.features import FeatureStore
@@ -22,13 +22,7 @@ def frozen_recipe(tmp_path, shapes_dir, **extra):
         "name": "timm", "model": "resnet18", "image_size": 64, "feature_layer": -3,
         "model_kwargs": {"layers": [1, 1, 1, 1], "channels": [16, 32, 64, 128]}}
     recipe.write_text(yaml.safe_dump(spec))
-    weights = tmp_path / "pretrained_tower.pt"
-    if not weights.exists():
-        model, _ = recipe_tower(recipe_configs(recipe))
-        torch.save(model.vision.model.state_dict(), weights)
-    spec = yaml.safe_load(recipe.read_text())
-    spec["model"]["config"]["vision"]["checkpoint_path"] = str(weights)
-    recipe.write_text(yaml.safe_dump(spec))
+    pretrain_tower(recipe)
     return recipe
 
 
@@ -162,3 +156,34 @@ def test_a_random_train_transform_is_refused(tmp_path, shapes_dir, capsys):
     assert main(fit_args(recipe, "llava", "--data.features", str(cache), "--overwrite",
                          "--model.config.vision.augment", "{scale: [0.5, 1.0]}")) == 2
     assert "the train image transform is random (model.config.vision.augment is set)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fusion", ["llava", "flamingo"])
+def test_a_features_batch_without_images_gets_blank_features_not_the_tower(fusion):
+    """Multi-rank training runs the fusion of a batch without images on a blank image, so that all
+    ranks run the same collectives; in a features run no rank runs the tower, so neither may this
+    one: its batch keeps `image_features` (empty) and its blank image is zero features."""
+    from types import SimpleNamespace
+
+    from tiny_models import IMAGE_ID, open_gates, tiny_model
+
+    from vlm.data.collate import Collator
+    from vlm.data.features import FeatureCollator
+    from vlm.data.formats import EncodedSample
+
+    model = tiny_model(fusion)
+    if fusion == "flamingo":
+        open_gates(model, 0.5)
+    shape = {"num_tokens": model.vision.num_tokens, "dim": model.vision.dim, "dtype": "float32"}
+    collate = FeatureCollator(Collator(pad_id=0, image_id=IMAGE_ID, image_token_count=model.tokens_per_image,
+                                       features=True), SimpleNamespace(fingerprint=shape))
+    batch = collate([EncodedSample("a", [1, 7, 8, 9], [-100, 7, 8, 9], []), EncodedSample("b", [1, 3], [-100, 3], [])])
+    assert batch.pixel_values is None and batch.image_features.shape == (0, shape["num_tokens"], shape["dim"])
+    with torch.no_grad():
+        plain = model(batch).logits
+    model.blank_image_when_missing = True
+    model.vision.register_forward_hook(lambda *_: pytest.fail("the tower ran"))
+    out = model(batch)
+    assert torch.equal(out.logits, plain)
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.fusion.parameters())

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from training_helpers import ROOT, read_losses, run_ranks
+from training_helpers import ROOT, pretrain_tower, read_losses, run_ranks, tiny_recipe
 
 from vlm.training.checkpointing import is_complete, latest_complete_checkpoint
 
@@ -104,6 +104,91 @@ def test_sharded_sigkill_resume_is_exact_and_the_directory_exports(tmp_path, sha
     for name, value in model.state_dict().items():
         assert torch.equal(exported[name], value), name
         assert torch.equal(module.model.state_dict()[name], value), name
+
+
+def mixed_shards(shapes_dir: Path, out: Path) -> str:
+    """Training shards of two samples: two of captioned images (img-*.tar), two of text only
+    (txt-*.tar: the same captions as chat answers). Returns their glob."""
+    from vlm.data.decode import iter_shard_samples
+    from vlm.data.writer import ShardWriter
+
+    source = sorted((shapes_dir / "caption").glob("train-*.tar"))[0]
+    with open(source, "rb") as stream:
+        samples = [sample for sample, _ in zip(iter_shard_samples(stream, str(source), max_member_bytes=2**24), range(4))]
+    with ShardWriter(out, prefix="img", max_count=2) as images, ShardWriter(out, prefix="txt", max_count=2) as texts:
+        for sample in samples:
+            images.write({"__key__": sample["__key__"], "png": sample["png"], "txt": sample["txt"]})
+            messages = [{"role": "user", "content": "Describe a picture."},
+                        {"role": "assistant", "content": sample["txt"].decode()}]
+            texts.write({"__key__": f"text_{sample['__key__']}", "json": {"messages": messages}})
+    return str(out / "*.tar")
+
+
+def frozen_vit_args(folder: Path, shapes_dir: Path, train: str, *, tower: Path, checked: bool = True) -> list[str]:
+    """`vlm fit` of the tiny recipe (its ViT tower loaded from `tower` and frozen: stage instruct) on
+    2 ranks under fsdp2.yaml: 4 steps of 2 samples per rank, each rank's losses and image counts in
+    folder/losses; `checked`: validation and a checkpoint every 2 steps. Data seed 2 draws images, per
+    step, on rank 0 only, rank 0 only, rank 1 only, both ranks (a batch is a shard: no sample shuffle)."""
+    folder.mkdir()
+    recipe = tiny_recipe(folder, shapes_dir, max_steps=4, every=2, model__stage="instruct")
+    spec = yaml.safe_load(recipe.read_text())
+    losses = {"class_path": "training_helpers.Losses", "init_args": {"out": str(folder / "losses")}}
+    spec["trainer"].update(devices=2, val_check_interval=2, limit_val_batches=1 if checked else 0)
+    spec["trainer"]["callbacks"] = [*spec["trainer"]["callbacks"], losses] if checked else [losses]
+    spec["model"].update(caption_samples=2, max_new_tokens=4)
+    spec["data"].update(train_shards=train, batch_size=2, val_batch_size=2, shuffle_buffer=1, seed=2)
+    recipe.write_text(yaml.safe_dump(spec))
+    pretrain_tower(recipe, weights=tower)
+    configs = [ROOT / "configs" / "shapes.yaml", ROOT / "configs" / "fusion" / "llava.yaml",
+               ROOT / "configs" / "strategy" / "fsdp2.yaml", recipe]
+    return ["fit", *[a for c in configs for a in ("--config", str(c))]]
+
+
+def rank_losses(folder: Path) -> list[dict]:
+    return [json.loads((folder / "losses" / f"losses_rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_cached_features_train_as_the_tower_does_on_two_ranks_one_without_images(tmp_path, shapes_dir):
+    """data.features under fsdp2.yaml, where a rank whose batch has no image once ran the tower on
+    a blank image while the other did not (mismatched all-gathers): same losses as the tower gives,
+    validation on the tower, and the features run resumes from its sharded checkpoint exactly."""
+    from vlm.cli import main
+
+    train = mixed_shards(shapes_dir, tmp_path / "mixed")
+    weights = tmp_path / "pretrained_tower.pt"
+    cached = frozen_vit_args(tmp_path / "cached", shapes_dir, train, tower=weights)
+    tower, resumed = (frozen_vit_args(tmp_path / name, shapes_dir, train, tower=weights, checked=False)
+                      for name in ("tower", "resumed"))
+    cache = tmp_path / "cache"
+    assert main(["features", "build", *cached[1:], "--data", train, "--out", str(cache), "--no-progress"]) == 0
+    step2 = tmp_path / "cached" / "run" / "checkpoints" / "epoch=0-step=2.ckpt"
+    commands = [[*cached, "--data.features", str(cache)], tower,
+                [*resumed, "--data.features", str(cache), "--ckpt_path", str(step2)]]
+    (tmp_path / "commands.json").write_text(json.dumps(commands))
+    run_ranks([str(Path(__file__).with_name("commands_run.py")), str(tmp_path / "commands.json")],
+              cwd=tmp_path, timeout=TIMEOUT)
+
+    with_features, with_tower = rank_losses(tmp_path / "cached"), rank_losses(tmp_path / "tower")
+    images = [(a > 0, b > 0) for a, b in zip(with_features[0]["images"], with_features[1]["images"])]
+    assert images == [(True, False), (True, False), (False, True), (True, True)], images
+    for features_rank, tower_rank in zip(with_features, with_tower):
+        assert features_rank["steps"] == tower_rank["steps"] == [0, 1, 2, 3]
+        assert features_rank["images"] == tower_rank["images"]
+        for a, b in zip(features_rank["losses"], tower_rank["losses"]):  # losses near 5
+            assert abs(a - b) <= 1e-6, (features_rank["losses"], tower_rank["losses"])
+    val = [row for row in csv_rows(tmp_path / "cached" / "run") if row.get("val/loss")]
+    assert [row["step"] for row in val] == ["1", "3"]  # (steps count from 0 in the log)
+    for features_rank, resumed_rank in zip(with_features, rank_losses(tmp_path / "resumed")):
+        assert resumed_rank["steps"] == [2, 3] and resumed_rank["losses"] == features_rank["losses"][2:]
+    last = tmp_path / "cached" / "run" / "checkpoints" / "last.ckpt"
+    assert is_complete(last) and sorted(p.name for p in last.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+
+
+def csv_rows(run_dir: Path) -> list[dict]:
+    import csv
+
+    with open(next(run_dir.glob("logs/version_0/metrics.csv"))) as f:
+        return list(csv.DictReader(f))
 
 
 def test_a_sharded_directory_without_its_metadata_is_never_last(tmp_path):

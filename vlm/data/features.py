@@ -13,6 +13,7 @@ process that asks: a `FeatureStore` can be sent to DataLoader workers.
 In the pipeline (`FeatureStore.substitute`), each image member of a raw sample is replaced by its
 cached tensor before decoding, so images are neither decoded nor transformed, and the images of
 an encoded sample are tensors [num_tokens, dim] in the order the sample format uses them.
+`FeatureCollator` then makes batches that always say they come from the cache, images or not.
 """
 
 from __future__ import annotations
@@ -21,13 +22,16 @@ import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
 
 from vlm.data.decode import IMAGE_EXTENSIONS, SampleError, member_extension
 from vlm.errors import UserError
+
+if TYPE_CHECKING:
+    from vlm.data.collate import Batch, Collator
 
 FORMAT = 1
 FINGERPRINT_FILE = "fingerprint.json"
@@ -115,6 +119,29 @@ class FeatureStore:
             if is_image_member(name):
                 out[name] = self.get(sample["__key__"], name)
         return out
+
+
+class FeatureCollator:
+    """Collation of cached features: `collator`'s batches (it collates features), where a batch
+    without images still has `image_features`, empty: [0, num_tokens, dim] in the cache's dtype.
+
+    The model makes the blank image of such a batch from features, not with the tower: in a
+    features run no rank runs the tower in training, and under sharding (FSDP2) every rank must
+    run the same collectives, whether its batch has images or not."""
+
+    def __init__(self, collator: Collator, store: FeatureStore) -> None:
+        if not collator.features:
+            raise ValueError("FeatureCollator needs a Collator(features=True)")
+        self.collator = collator
+        fingerprint = store.fingerprint
+        self.empty_shape = (0, int(fingerprint["num_tokens"]), int(fingerprint["dim"]))
+        self.dtype = getattr(torch, fingerprint["dtype"])
+
+    def __call__(self, samples: list) -> Batch:
+        batch = self.collator(samples)
+        if batch.image_features is None:
+            batch.image_features = torch.zeros(self.empty_shape, dtype=self.dtype)
+        return batch
 
 
 def check_fingerprint(found: Mapping[str, Any], expected: Mapping[str, Any], *, where: str) -> None:

@@ -18,7 +18,7 @@ import lightning as L
 
 from vlm.data.collate import Collator
 from vlm.data.corpus import write_corpus
-from vlm.data.features import FeatureStore
+from vlm.data.features import FeatureCollator, FeatureStore
 from vlm.data.pipeline import PipelineConfig, SkipCounter, build_dataloader, expand_shards
 from vlm.data.shapes import DEFAULT_VARIANTS, make_shapes_dataset
 from vlm.errors import UserError
@@ -187,6 +187,8 @@ class VLMDataModule(L.LightningDataModule):
         collator = Collator(pad_id=self.tokenizer.pad_id, image_id=self.tokenizer.image_id,
                             image_token_count=model.tokens_per_image, max_length=self.max_length,
                             features=features is not None)
+        if features is not None:
+            collator = FeatureCollator(collator, features)
         shards = self._shards(patterns, what)
         stream = train and not whole  # shuffled, endless
         config = PipelineConfig(shards=shards, batch_size=self.batch_size if stream else self.val_batch_size,

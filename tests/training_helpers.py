@@ -146,10 +146,12 @@ class PoisonBatch(L.Callback):
 class RaggedStops(L.Callback):
     """During validation, rank r's captions stop after 2 + 4 * r tokens (rank 0: 2, rank 1: 6),
     as when ranks' rows reach the stop token at different steps; writes, per rank, the caption
-    lengths and the validation metrics to `out/val_rank{r}.json`."""
+    lengths and the validation metrics to `out/val_rank{r}.json`. Generation is itself again after
+    each validation (later runs in the same process are not affected)."""
 
     def __init__(self, out: str) -> None:
         self.out, self.lengths = Path(out), []
+        self.restore = None  # the real `vlm.model.decode` while ours is in place
 
     def on_validation_start(self, trainer, pl_module) -> None:
         import torch
@@ -180,11 +182,15 @@ class RaggedStops(L.Callback):
             return outputs
 
         decode.ragged = True
-        model.decode = decode
+        model.decode, self.restore = decode, original
 
     def on_validation_end(self, trainer, pl_module) -> None:
         import json
 
+        import vlm.model as model
+
+        if self.restore is not None:
+            model.decode, self.restore = self.restore, None
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / f"val_rank{trainer.global_rank}.json").write_text(json.dumps({"lengths": self.lengths, "metrics": metrics}))

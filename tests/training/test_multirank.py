@@ -1,9 +1,11 @@
 """The shipped recipes on 2 gloo processes under configs/strategy/fsdp2.yaml, with validation
 (caption generation whose ranks stop at different steps) and sharded checkpoints: start, finish,
-agree on metrics, survive SIGKILL and resume bit for bit, export and initialise from the directory.
+agree on metrics, survive SIGKILL and resume bit for bit, export and initialise from the directory;
+cached vision features with a rank whose batch has no image.
 
-Each run is `python -m vlm.cli fit ...` in a subprocess (Lightning starts the second rank) with a
-timeout that fails the test instead of hanging."""
+Each run is `vlm fit ...` in a subprocess (Lightning starts the second rank) with a timeout that
+fails the test instead of hanging. Starting the two ranks is most of a short run's time, so the
+runs that need no process of their own share one launch (the `fits` fixture)."""
 
 import json
 import signal
@@ -56,16 +58,36 @@ def run_cli(args: list[str], cwd: Path, *, expect: int = 0):
 
 
 # each shipped base recipe and each fusion once (the two bases share their model; crossing them keeps make test in budget)
-@pytest.mark.parametrize("base, fusion", [("shapes.yaml", "flamingo"), ("own_data.yaml", "llava")])
-def test_shipped_recipe_trains_validates_and_checkpoints_on_two_ranks(tmp_path, shapes_dir, base, fusion):
-    ragged = {"class_path": "training_helpers.RaggedStops", "init_args": {"out": str(tmp_path / "val")}}
-    run_cli(recipe_args(tmp_path, shapes_dir, fusion, max_steps=2, every=2, extra_callbacks=[ragged], base=base), tmp_path)
-    assert sorted(read_losses(tmp_path / "run")) == [0, 1]
-    ranks = [json.loads((tmp_path / "val" / f"val_rank{r}.json").read_text()) for r in (0, 1)]
+SHIPPED = [("shapes.yaml", "flamingo"), ("own_data.yaml", "llava")]
+
+
+@pytest.fixture(scope="module")
+def fits(tmp_path_factory, shapes_dir) -> Path:
+    """One launch of 2 ranks running, one after the other (tests/training/commands_run.py), each
+    SHIPPED recipe in folder `<base>-<fusion>`, then the cached-features runs (`features_fits`).
+    Returns the folder that holds them."""
+    root = tmp_path_factory.mktemp("fits")
+    commands = []
+    for base, fusion in SHIPPED:
+        folder = root / f"{base}-{fusion}"
+        folder.mkdir()
+        ragged = {"class_path": "training_helpers.RaggedStops", "init_args": {"out": str(folder / "val")}}
+        commands.append(recipe_args(folder, shapes_dir, fusion, max_steps=2, every=2, extra_callbacks=[ragged], base=base))
+    commands += features_fits(root, shapes_dir)
+    (root / "commands.json").write_text(json.dumps(commands))
+    run_ranks([str(Path(__file__).with_name("commands_run.py")), str(root / "commands.json")], cwd=root, timeout=TIMEOUT)
+    return root
+
+
+@pytest.mark.parametrize("base, fusion", SHIPPED)
+def test_shipped_recipe_trains_validates_and_checkpoints_on_two_ranks(fits, base, fusion):
+    folder = fits / f"{base}-{fusion}"
+    assert sorted(read_losses(folder / "run")) == [0, 1]
+    ranks = [json.loads((folder / "val" / f"val_rank{r}.json").read_text()) for r in (0, 1)]
     assert set(ranks[0]["lengths"]) == {2} and set(ranks[1]["lengths"]) == {6}  # stopped at different steps
     assert ranks[0]["metrics"] == ranks[1]["metrics"]  # reduced across ranks
     assert {"val/loss", "val/exact_match", "val/bleu4", "val/cider_d"} <= set(ranks[0]["metrics"])
-    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    last = folder / "run" / "checkpoints" / "last.ckpt"
     assert last.is_dir() and is_complete(last)
     assert sorted(p.name for p in last.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
 
@@ -148,27 +170,29 @@ def rank_losses(folder: Path) -> list[dict]:
     return [json.loads((folder / "losses" / f"losses_rank{r}.json").read_text()) for r in (0, 1)]
 
 
-def test_cached_features_train_as_the_tower_does_on_two_ranks_one_without_images(tmp_path, shapes_dir):
+def features_fits(root: Path, shapes_dir: Path) -> list[list[str]]:
+    """The `vlm fit` command lines of the cached-features test, its cache built: `cached` (with
+    data.features, validation and checkpoints), `tower` (the same without the cache) and `resumed`
+    (`cached` again from its step-2 checkpoint), each in its folder under root."""
+    from vlm.cli import main
+
+    train = mixed_shards(shapes_dir, root / "mixed")
+    weights = root / "pretrained_tower.pt"
+    cached = frozen_vit_args(root / "cached", shapes_dir, train, tower=weights)
+    tower, resumed = (frozen_vit_args(root / name, shapes_dir, train, tower=weights, checked=False)
+                      for name in ("tower", "resumed"))
+    cache = root / "cache"
+    assert main(["features", "build", *cached[1:], "--data", train, "--out", str(cache), "--no-progress"]) == 0
+    step2 = root / "cached" / "run" / "checkpoints" / "epoch=0-step=2.ckpt"
+    return [[*cached, "--data.features", str(cache)], tower,
+            [*resumed, "--data.features", str(cache), "--ckpt_path", str(step2)]]
+
+
+def test_cached_features_train_as_the_tower_does_on_two_ranks_one_without_images(fits):
     """data.features under fsdp2.yaml, where a rank whose batch has no image once ran the tower on
     a blank image while the other did not (mismatched all-gathers): same losses as the tower gives,
     validation on the tower, and the features run resumes from its sharded checkpoint exactly."""
-    from vlm.cli import main
-
-    train = mixed_shards(shapes_dir, tmp_path / "mixed")
-    weights = tmp_path / "pretrained_tower.pt"
-    cached = frozen_vit_args(tmp_path / "cached", shapes_dir, train, tower=weights)
-    tower, resumed = (frozen_vit_args(tmp_path / name, shapes_dir, train, tower=weights, checked=False)
-                      for name in ("tower", "resumed"))
-    cache = tmp_path / "cache"
-    assert main(["features", "build", *cached[1:], "--data", train, "--out", str(cache), "--no-progress"]) == 0
-    step2 = tmp_path / "cached" / "run" / "checkpoints" / "epoch=0-step=2.ckpt"
-    commands = [[*cached, "--data.features", str(cache)], tower,
-                [*resumed, "--data.features", str(cache), "--ckpt_path", str(step2)]]
-    (tmp_path / "commands.json").write_text(json.dumps(commands))
-    run_ranks([str(Path(__file__).with_name("commands_run.py")), str(tmp_path / "commands.json")],
-              cwd=tmp_path, timeout=TIMEOUT)
-
-    with_features, with_tower = rank_losses(tmp_path / "cached"), rank_losses(tmp_path / "tower")
+    with_features, with_tower = rank_losses(fits / "cached"), rank_losses(fits / "tower")
     images = [(a > 0, b > 0) for a, b in zip(with_features[0]["images"], with_features[1]["images"])]
     assert images == [(True, False), (True, False), (False, True), (True, True)], images
     for features_rank, tower_rank in zip(with_features, with_tower):
@@ -176,11 +200,10 @@ def test_cached_features_train_as_the_tower_does_on_two_ranks_one_without_images
         assert features_rank["images"] == tower_rank["images"]
         for a, b in zip(features_rank["losses"], tower_rank["losses"]):  # losses near 5
             assert abs(a - b) <= 1e-6, (features_rank["losses"], tower_rank["losses"])
-    val = [row for row in csv_rows(tmp_path / "cached" / "run") if row.get("val/loss")]
-    assert [row["step"] for row in val] == ["1", "3"]  # (steps count from 0 in the log)
-    for features_rank, resumed_rank in zip(with_features, rank_losses(tmp_path / "resumed")):
+    assert len([row for row in csv_rows(fits / "cached" / "run") if row.get("val/loss")]) == 2  # steps 2 and 4
+    for features_rank, resumed_rank in zip(with_features, rank_losses(fits / "resumed")):
         assert resumed_rank["steps"] == [2, 3] and resumed_rank["losses"] == features_rank["losses"][2:]
-    last = tmp_path / "cached" / "run" / "checkpoints" / "last.ckpt"
+    last = fits / "cached" / "run" / "checkpoints" / "last.ckpt"
     assert is_complete(last) and sorted(p.name for p in last.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
 
 

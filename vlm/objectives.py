@@ -19,7 +19,7 @@ Which reduction each loss expects ("sigmoid": summed, "ipo": averaged over answe
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,7 @@ PREFERENCE_METRICS: dict[str, str] = {
     "accuracies": "rewards/accuracies",
     "chosen_logps": "logps/chosen",
     "rejected_logps": "logps/rejected",
+    "sft": "nll_loss",  # with model.preference.sft_weight > 0
 }
 
 
@@ -128,7 +129,8 @@ def logps_for_loss(sum_logps: torch.Tensor, token_counts: torch.Tensor, *, loss_
 
 @dataclass
 class PreferenceOutput:
-    """`loss` is the scalar to minimise; the rest are detached [B] tensors for logging."""
+    """`loss` is the scalar to minimise; the rest are detached [B] tensors for logging (and `sft`,
+    the chosen answers' next-token loss when it is part of `loss`, a detached scalar)."""
 
     loss: torch.Tensor
     chosen_rewards: torch.Tensor  # beta * (policy - reference) log-prob of the chosen answer
@@ -137,11 +139,26 @@ class PreferenceOutput:
     accuracies: torch.Tensor  # 1.0 where chosen_rewards > rejected_rewards
     chosen_logps: torch.Tensor  # the policy log-probs as given
     rejected_logps: torch.Tensor
+    sft: torch.Tensor | None = None
 
     def metrics(self) -> dict[str, torch.Tensor]:
         """Batch means under TRL's logged names (`PREFERENCE_METRICS`)."""
         return {PREFERENCE_METRICS[f.name]: getattr(self, f.name).float().mean()
-                for f in fields(self) if f.name in PREFERENCE_METRICS}
+                for f in fields(self) if f.name in PREFERENCE_METRICS and getattr(self, f.name) is not None}
+
+    def with_sft(self, sums: torch.Tensor, counts: torch.Tensor, weight: float) -> "PreferenceOutput":
+        """Add `weight` x the chosen answers' next-token loss (`chosen_nll`) to the loss: RPO's
+        `alpha`, TRL's `loss_type=["sigmoid", "sft"]` with `loss_weights=[1, weight]`. It keeps
+        the chosen answers likely, which plain DPO lets fall (and generation with them)."""
+        nll = chosen_nll(sums, counts)
+        return replace(self, loss=self.loss + weight * nll, sft=nll.detach())
+
+
+def chosen_nll(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The chosen answers' mean next-token loss over all their tokens, from a preference batch's
+    per-row summed log-probs and token counts [2B] (chosen rows first)."""
+    pairs = sums.shape[0] // 2
+    return -sums[:pairs].sum() / counts[:pairs].sum().clamp_min(1).to(sums.dtype)
 
 
 def _check_preference_args(logps: dict[str, torch.Tensor], beta: float, loss_type: str, label_smoothing: float) -> None:

@@ -28,7 +28,8 @@ from vlm.stages import set_trainable
 from vlm.training.checkpointing import is_complete
 from vlm.training.datamodule import ShapesSpec, VLMDataModule
 from vlm.training.module import VLMModule
-from vlm.training.preference import CachedReference, FrozenReference, PreferenceConfig, pair_logps, preference_step
+from vlm.training.preference import (CachedReference, FrozenReference, PreferenceConfig, chosen_rows, pair_logps,
+                                     preference_step)
 from vlm.training.recipes import fit
 
 CONFIGS = ROOT / "configs"
@@ -114,10 +115,30 @@ def test_the_reference_reuses_a_frozen_towers_features_and_starts_equal_to_the_p
     assert all(p.grad is None for p in model.vision.parameters()) == frozen
 
 
+def test_sft_weight_adds_the_chosen_answers_mean_token_loss():
+    # TRL's loss_type ["sigmoid", "sft"], loss_weights [1, w]: -mean log p over all chosen answer tokens
+    model = tiny_model("flamingo")
+    open_gates(model, 0.5)
+    reference = FrozenReference(model)
+    batch = preference_batch(model)
+    with torch.no_grad():
+        plain = preference_step(model, reference, batch, PreferenceConfig(), share_features=False)
+        mixed = preference_step(model, reference, batch, PreferenceConfig(sft_weight=0.7), share_features=False)
+        logits = model(chosen_rows(batch)).logits.float()  # naive: full log-softmax, labels shifted by hand
+    logps = logits[:, :-1].log_softmax(-1)
+    targets = batch.labels[:batch.pairs, 1:]
+    picked = [logps[i, t, targets[i, t]] for i in range(batch.pairs) for t in range(targets.shape[1]) if targets[i, t] != -100]
+    nll = -torch.stack(picked).mean()
+    torch.testing.assert_close(mixed.sft, nll, rtol=0, atol=1e-6)
+    torch.testing.assert_close(mixed.loss, plain.loss + 0.7 * nll, rtol=0, atol=1e-6)
+    assert torch.equal(mixed.margins, plain.margins) and plain.sft is None
+    assert "nll_loss" in mixed.metrics() and "nll_loss" not in plain.metrics()
+
+
 def test_preference_config_errors_name_the_key():
     for bad, words in [({"loss_type": "hinge"}, "loss_type"), ({"beta": 0}, "beta must be > 0"),
                        ({"label_smoothing": 0.5}, "[0, 0.5)"), ({"loss_type": "ipo", "label_smoothing": 0.1}, "sigmoid only"),
-                       ({"reference": "trl"}, "reference")]:
+                       ({"reference": "trl"}, "reference"), ({"sft_weight": -1}, "sft_weight")]:
         with pytest.raises(ValueError, match=r"model\.preference\.") as error:
             PreferenceConfig(**bad)
         assert words in str(error.value)
@@ -213,7 +234,8 @@ def test_dpo_run_keeps_the_reference_out_of_training_and_checkpoints(tmp_path, s
     assert checkpoint["preference_reference"] == {"fingerprint": reference.fingerprint}
     assert checkpoint["hyper_parameters"]["objective"] == "dpo"
     assert checkpoint["hyper_parameters"]["preference"] == {"beta": 0.1, "loss_type": "sigmoid",
-                                                            "label_smoothing": 0.0, "reference": "frozen"}
+                                                            "label_smoothing": 0.0, "reference": "frozen",
+                                                            "sft_weight": 0.0}
 
     rows = metrics(tmp_path / "run")
     trl = {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"}

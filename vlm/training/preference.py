@@ -47,6 +47,8 @@ class PreferenceConfig:
     loss_type: "sigmoid" (DPO) or "ipo".
     label_smoothing: assumed probability that a pair's preference is flipped (conservative DPO,
         sigmoid only); 0 is plain DPO.
+    sft_weight: weight of the chosen answers' next-token loss added to the DPO loss (RPO's alpha;
+        TRL's loss_type ["sigmoid", "sft"] with loss_weights [1, sft_weight]); 0 is plain DPO.
     reference: "frozen", a frozen copy of the starting model; or "cached", its log-probs of every
         training and validation pair computed once before training (`<shard>.reference-<hash>.json`
         next to each shard, reused while the starting model, model config, precision, max_length and
@@ -57,6 +59,7 @@ class PreferenceConfig:
     loss_type: str = "sigmoid"
     label_smoothing: float = 0.0
     reference: str = "frozen"
+    sft_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.loss_type not in LOGPS_REDUCTION:
@@ -68,6 +71,8 @@ class PreferenceConfig:
         if self.label_smoothing and self.loss_type != "sigmoid":
             raise ValueError(f"model.preference.label_smoothing applies to loss_type sigmoid only, got "
                              f"{self.label_smoothing!r} with {self.loss_type!r}")
+        if not (isinstance(self.sft_weight, (int, float)) and 0.0 <= self.sft_weight < float("inf")):
+            raise ValueError(f"model.preference.sft_weight must be a finite number >= 0, got {self.sft_weight!r}")
         if self.reference not in REFERENCES:
             raise ValueError(f"model.preference.reference must be one of {list(REFERENCES)}, got {self.reference!r}")
 
@@ -247,8 +252,9 @@ def preference_step(model: nn.Module, reference: Reference, batch: Any, config: 
     sums, counts, features = run_pairs(model, batch)
     policy = logps_for_loss(sums, counts, loss_type=config.loss_type)
     reference_logps = reference.logps(batch, features=features if share_features else None, loss_type=config.loss_type)
-    return preference_loss(*policy.chunk(2), *reference_logps.chunk(2), beta=config.beta,
-                           loss_type=config.loss_type, label_smoothing=config.label_smoothing)
+    out = preference_loss(*policy.chunk(2), *reference_logps.chunk(2), beta=config.beta,
+                          loss_type=config.loss_type, label_smoothing=config.label_smoothing)
+    return out.with_sft(sums, counts, config.sft_weight) if config.sft_weight else out
 
 
 def chosen_rows(batch: Any) -> Any:

@@ -115,6 +115,22 @@ def test_the_reference_reuses_a_frozen_towers_features_and_starts_equal_to_the_p
     assert all(p.grad is None for p in model.vision.parameters()) == frozen
 
 
+def test_cached_features_without_images_run_no_tower():
+    # a features run gives every batch image_features, [0, tokens, dim] without images: on a
+    # sharded model a rank that ran the tower alone would issue collectives the others do not
+    model = tiny_model("llava")
+    pairs = [p for p in preference_pairs() if not p.images]
+    batch = Collator(pad_id=0, image_id=IMAGE_ID, image_token_count=model.tokens_per_image)(pairs)
+    empty = torch.zeros(0, model.tokens_per_image, model.vision.dim)
+    model.blank_image_when_missing = True  # as on several ranks
+    calls = count_calls(model.vision)
+    with torch.no_grad():
+        _, counts, _ = pair_logps(model, dataclasses.replace(batch, image_features=empty))
+        assert calls == [] and counts.tolist() == [6, 8]
+        pair_logps(model, batch)  # no features: the blank image goes through the tower
+    assert calls == [1]
+
+
 def test_sft_weight_adds_the_chosen_answers_mean_token_loss():
     # TRL's loss_type ["sigmoid", "sft"], loss_weights [1, w]: -mean log p over all chosen answer tokens
     model = tiny_model("flamingo")

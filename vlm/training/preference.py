@@ -91,10 +91,11 @@ def pair_logps(model: nn.Module, batch: Any, *, features: torch.Tensor | None = 
     if features is None and pixels is not None and pixels.shape[0] > 0:
         features = model.vision(pixels)  # [N, tokens, dim]: once per pair
     rows = ModelInput(batch.input_ids, batch.attention_mask)
-    if features is not None and features.shape[0] > 0:
-        owner = batch.image_sample_index  # [N] pair index = chosen row; rejected row = owner + B
+    if features is not None:  # also when empty: a cached-features batch without images runs no tower
         rows.image_features = torch.cat([features, features])
-        rows.image_sample_index = torch.cat([owner, owner + pairs])
+        owner = batch.image_sample_index  # [N] pair index = chosen row; rejected row = owner + B
+        if owner is not None:
+            rows.image_sample_index = torch.cat([owner, owner + pairs])
     hidden, _ = model.hidden(rows)
     sums, counts = sequence_logprobs_from_hidden(hidden, model.text.output.weight, batch.labels)
     return sums, counts, features

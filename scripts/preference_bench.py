@@ -1,20 +1,27 @@
 """DPO vs continued supervised training on the shapes data: does preference tuning cut hallucination?
 
     python scripts/preference_bench.py                      # both fusions, the defaults below
-    python scripts/preference_bench.py --fusions llava --sft-steps 300 --dpo-steps 300
+    python scripts/preference_bench.py --fusions llava --sft-steps 1000 --dpo-steps 300
 
-For each fusion, with the shipped recipes and nothing but `vlm` commands (each printed as it runs):
+For each fusion, with the shipped recipes and nothing but `vlm` commands (each printed as it runs,
+all in this process):
 1. `vlm fit` the shapes recipe for only `--sft-steps` steps (a captioner that still hallucinates),
-2. DPO from it (configs/stage/dpo.yaml) for `--dpo-steps` steps on the shapes preference pairs
-   (the true caption chosen, the same caption with one attribute wrong rejected),
+2. DPO from it (configs/stage/dpo.yaml, with the tower training and lr 5e-4: `--dpo-flag`) for
+   `--dpo-steps` steps on the shapes preference pairs (the true caption chosen, the same caption
+   with one attribute wrong rejected); once plain, once with the chosen answers' token loss added
+   (`model.preference.sft_weight 1`, RPO),
 3. from the same start, supervised training on the chosen answers of the same pairs for as long as
-   DPO took (its steps = DPO's wall time / the first run's seconds per step),
+   the slower DPO run trained (steps = its training seconds / the first run's seconds per step),
    with the recipe's own optimizer settings (lr 2e-3, cosine),
-4. `vlm export` + `vlm evaluate` each of the three on the held-out caption images: exact match and
+4. `vlm export` + `vlm evaluate` each of the four on the held-out caption images: exact match and
    the hallucination rate (captions contradicting their image, vlm.eval.hallucination).
 
-Writes `--results` (JSON: every command, wall times, metrics, DPO's validation curves) and a plot of
-DPO's loss and rewards next to it, and prints the table of benchmarks/README.md "preference tuning".
+Times are training loops only (Lightning's Timer: not data generation, tokenizer training or
+evaluation).
+
+Writes `--results` (JSON: every command, wall times, metrics, DPO's curves; the other fusions
+already in that file are kept, so fusions can run in separate processes) and a plot of DPO's loss
+and rewards next to it, and prints the table of benchmarks/README.md "preference tuning".
 """
 
 from __future__ import annotations
@@ -29,6 +36,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+
+
+# The DPO runs from the partway captioner: plain DPO, and DPO plus the chosen answers' token loss.
+DPO_RUNS = {"dpo": [], "dpo_sft": ["--model.preference.sft_weight=1.0"]}
+RUNS = {"sft": "SFT, partway", "dpo": "+ DPO", "dpo_sft": "+ DPO + SFT term (sft_weight 1)",
+        "more_sft": "+ SFT on the chosen answers"}
+# DPO's settings here (on top of configs/stage/dpo.yaml): the tower trains, as in the shapes
+# recipe (trained from scratch, it is where most errors are), at a higher learning rate.
+DPO_DEFAULT_FLAGS = ["--model.stage=full", "--model.optim.lr=5e-4"]
 
 
 def run(command: list[str], log: list[dict]) -> float:
@@ -103,23 +119,25 @@ def bench_fusion(args: argparse.Namespace, fusion: str) -> dict:
                             f"--trainer.max_steps={args.sft_steps}"), log)
     start = str(out / "sft" / "checkpoints" / "last.ckpt")
     every = f"--trainer.val_check_interval={args.val_every}"
-    dpo_s = run(fit_command(args, fusion, out / "dpo", "dpo", *pairs(args), f"--model.init_checkpoint={start}",
-                            f"--trainer.max_steps={args.dpo_steps}", every, *args.dpo_flag), log)
-    sft_steps = max(1, round(dpo_s / (sft_s / args.sft_steps)))  # as long as DPO took
-    more_s = run(fit_command(args, fusion, out / "more_sft", *pairs(args), f"--model.init_checkpoint={start}",
-                             f"--trainer.max_steps={sft_steps}", every, *args.sft_flag), log)
-    results = {name: evaluate(args, out / name, log) for name in ("sft", "dpo", "more_sft")}
-    return {"steps": {"sft": args.sft_steps, "dpo": args.dpo_steps, "more_sft": sft_steps},
-            "seconds": {"sft": round(sft_s, 1), "dpo": round(dpo_s, 1), "more_sft": round(more_s, 1)},
-            "metrics": results, "dpo_curves": curves(out / "dpo"), "commands": log}
+    seconds, steps = {"sft": sft_s}, {"sft": args.sft_steps}
+    for name, flags in DPO_RUNS.items():
+        seconds[name] = run(fit_command(args, fusion, out / name, "dpo", *pairs(args), f"--model.init_checkpoint={start}",
+                                        f"--trainer.max_steps={args.dpo_steps}", every, *args.dpo_flag, *flags), log)
+        steps[name] = args.dpo_steps
+    # as long as the slower DPO run took, at the first run's seconds per step
+    steps["more_sft"] = max(1, round(max(seconds["dpo"], seconds["dpo_sft"]) / (sft_s / args.sft_steps)))
+    seconds["more_sft"] = run(fit_command(args, fusion, out / "more_sft", *pairs(args), f"--model.init_checkpoint={start}",
+                                          f"--trainer.max_steps={steps['more_sft']}", every, *args.sft_flag), log)
+    results = {name: evaluate(args, out / name, log) for name in RUNS}
+    return {"steps": steps, "seconds": {k: round(v, 1) for k, v in seconds.items()}, "metrics": results,
+            "dpo_curves": {name: curves(out / name) for name in DPO_RUNS}, "commands": log}
 
 
 def table(report: dict) -> str:
     lines = ["| fusion | model | steps | wall s | exact match | hallucinated | malformed | colour / kind / size / count / order wrong |",
              "|---|---|---|---|---|---|---|---|"]
-    names = {"sft": "SFT, partway", "dpo": "+ DPO", "more_sft": "+ SFT on the chosen answers"}
     for fusion, run_ in report["fusions"].items():
-        for key, name in names.items():
+        for key, name in RUNS.items():
             m = run_["metrics"][key]
             wrong = " / ".join(f"{100 * v:.1f}" for v in m["by_attribute"].values())
             lines.append(f"| {fusion} | {name} | {run_['steps'][key]} | {run_['seconds'][key]:.0f} | "
@@ -138,10 +156,11 @@ def plot(report: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, (name, title) in zip(axes, names):
         for fusion, run_ in report["fusions"].items():
-            for split, style in (("train", "-"), ("val", "o--")):
-                points = run_["dpo_curves"][f"{split}/{name}"]
-                if points:
-                    ax.plot(*zip(*points), style, label=f"{fusion} {split}", alpha=0.8)
+            for dpo, curves_ in run_["dpo_curves"].items():
+                for split, style in (("train", "-"), ("val", "o--")):
+                    points = curves_[f"{split}/{name}"]
+                    if points:
+                        ax.plot(*zip(*points), style, label=f"{fusion} {dpo} {split}", alpha=0.8)
         ax.set_title(title)
         ax.set_xlabel("DPO step")
         ax.grid(alpha=0.3)
@@ -153,11 +172,12 @@ def plot(report: dict, path: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--fusions", nargs="+", default=["llava", "flamingo"], choices=["llava", "flamingo"])
-    p.add_argument("--sft-steps", type=int, default=300, help="the partway captioner's steps (default %(default)s)")
+    p.add_argument("--sft-steps", type=int, default=1000, help="the partway captioner's steps (default %(default)s)")
     p.add_argument("--dpo-steps", type=int, default=300, help="default %(default)s")
     p.add_argument("--val-every", type=int, default=100, help="validation interval of DPO and continued SFT")
-    p.add_argument("--dpo-flag", action="append", default=[], metavar="FLAG",
-                   help="an extra `vlm fit` flag for the DPO run, e.g. --dpo-flag=--model.preference.beta=0.5")
+    p.add_argument("--dpo-flag", action="append", default=None, metavar="FLAG",
+                   help="a `vlm fit` flag for the DPO runs, e.g. --dpo-flag=--model.preference.beta=0.5 (default: "
+                        f"{' '.join(DPO_DEFAULT_FLAGS)})")
     p.add_argument("--sft-flag", action="append", default=[], metavar="FLAG",
                    help="an extra `vlm fit` flag for the continued SFT run (default: the recipe's own optimizer)")
     p.add_argument("--data", default="data/shapes", help="the shapes folder; its caption and preference variants "
@@ -173,12 +193,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.dpo_flag = DPO_DEFAULT_FLAGS if args.dpo_flag is None else args.dpo_flag
     import torch
 
     torch.set_num_threads(args.threads)
-    report = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                           if k != "extra_config"} | {"extra_config": [str(p) for p in args.extra_config]},
-              "fusions": {fusion: bench_fusion(args, fusion) for fusion in args.fusions}}
+    settings = {k: ([str(p) for p in v] if k == "extra_config" else str(v) if isinstance(v, Path) else v)
+                for k, v in vars(args).items()}
+    fusions = {fusion: {"settings": settings, **bench_fusion(args, fusion)} for fusion in args.fusions}
+    # other fusions already in the results file are kept (e.g. from a run of --fusions flamingo)
+    earlier = json.loads(args.results.read_text())["fusions"] if args.results.is_file() else {}
+    report = {"fusions": {**{k: v for k, v in earlier.items() if k not in fusions}, **fusions}}
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(report, indent=1) + "\n")
     plot(report, args.results.with_suffix(".png"))

@@ -166,9 +166,12 @@ def test_preference_sequence_and_bench_run(tmp_path, monkeypatch, capsys):
                        "--eval-limit", "6", "--out", "outputs/bench", "--extra-config", "tiny.yaml",
                        "--threads", "1", "--results", str(results)]) == 0
     measured = json.loads(results.read_text())["fusions"]["llava"]
-    assert measured["steps"]["sft"] == measured["steps"]["dpo"] == 4 and measured["steps"]["more_sft"] >= 1
+    assert measured["steps"]["sft"] == measured["steps"]["dpo"] == measured["steps"]["dpo_sft"] == 4
+    assert measured["steps"]["more_sft"] >= 1 and set(measured["metrics"]) == {"sft", "dpo", "dpo_sft", "more_sft"}
     assert {m["images"] for m in measured["metrics"].values()} == {6}
-    assert [c["command"].split()[1] for c in measured["commands"]] == ["fit"] * 3 + ["export", "evaluate"] * 3
-    assert measured["dpo_curves"]["val/rewards/accuracies"]  # DPO validated (every 2 steps)
+    assert [c["command"].split()[1] for c in measured["commands"]] == ["fit"] * 4 + ["export", "evaluate"] * 4
+    assert "--model.stage=full" in measured["commands"][1]["command"]  # the default DPO flags
+    assert "sft_weight=1.0" in measured["commands"][2]["command"]
+    assert measured["dpo_curves"]["dpo"]["val/rewards/accuracies"]  # DPO validated (every 2 steps)
     assert results.with_suffix(".png").stat().st_size > 1000
     assert "| llava | + DPO | 4 |" in capsys.readouterr().out

@@ -52,7 +52,8 @@ class Batch:
         keys: each row's sample key (`__key__`), for predictions and error messages (a pair's key
             appears on both its rows).
         image_features: [N, num_tokens, dim], the frozen tower's cached outputs for the N images,
-            in place of `pixel_values` (see `vlm.data.features`); None otherwise.
+            in place of `pixel_values` (see `vlm.data.features`); in a cached-features run a batch
+            without images has it empty, [0, num_tokens, dim] (`FeatureCollator`); None otherwise.
         pairs: B in a preference batch of 2B rows (B chosen rows, then B rejected rows); None otherwise.
     """
 

@@ -64,8 +64,9 @@ SHIPPED = [("shapes.yaml", "flamingo"), ("own_data.yaml", "llava")]
 @pytest.fixture(scope="module")
 def fits(tmp_path_factory, shapes_dir) -> Path:
     """One launch of 2 ranks running, one after the other (tests/training/commands_run.py), each
-    SHIPPED recipe in folder `<base>-<fusion>`, then the cached-features runs (`features_fits`).
-    Returns the folder that holds them."""
+    SHIPPED recipe in folder `<base>-<fusion>`, then the cached-features runs (`features_fits`),
+    then the uninterrupted run the SIGKILL test compares with (`straight`). Returns the folder that
+    holds them."""
     root = tmp_path_factory.mktemp("fits")
     commands = []
     for base, fusion in SHIPPED:
@@ -74,6 +75,8 @@ def fits(tmp_path_factory, shapes_dir) -> Path:
         ragged = {"class_path": "training_helpers.RaggedStops", "init_args": {"out": str(folder / "val")}}
         commands.append(recipe_args(folder, shapes_dir, fusion, max_steps=2, every=2, extra_callbacks=[ragged], base=base))
     commands += features_fits(root, shapes_dir)
+    (root / "straight").mkdir()
+    commands.append(recipe_args(root / "straight", shapes_dir, "llava", max_steps=6, every=2))
     (root / "commands.json").write_text(json.dumps(commands))
     run_ranks([str(Path(__file__).with_name("commands_run.py")), str(root / "commands.json")], cwd=root, timeout=TIMEOUT)
     return root
@@ -92,11 +95,10 @@ def test_shipped_recipe_trains_validates_and_checkpoints_on_two_ranks(fits, base
     assert sorted(p.name for p in last.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
 
 
-def test_sharded_sigkill_resume_is_exact_and_the_directory_exports(tmp_path, shapes_dir):
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    straight.mkdir(), killed.mkdir()
-    run_cli(recipe_args(straight, shapes_dir, "llava", max_steps=6, every=2), straight)
-    expected = read_losses(straight / "run")
+def test_sharded_sigkill_resume_is_exact_and_the_directory_exports(tmp_path, shapes_dir, fits):
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    expected = read_losses(fits / "straight" / "run")
     assert sorted(expected) == list(range(6))
 
     kill = {"class_path": "training_helpers.KillAtStep", "init_args": {"step": 5}}
@@ -117,7 +119,9 @@ def test_sharded_sigkill_resume_is_exact_and_the_directory_exports(tmp_path, sha
     model, meta = model_from_checkpoint(folder / "last.ckpt")
     assert meta["global_step"] == 6
     out = tmp_path / "exported"
-    run_cli(["export", "--checkpoint", str(folder / "last.ckpt"), "--out", str(out)], tmp_path)
+    from vlm.cli import main
+
+    assert main(["export", "--checkpoint", str(folder / "last.ckpt"), "--out", str(out)]) == 0
     import vlm
 
     exported = vlm.load_model(out).state_dict()

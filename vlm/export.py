@@ -6,6 +6,17 @@
     D/fusion.safetensors   the fusion's state_dict
     D/tokenizer.json       when a tokenizer was given
 
+A model with LoRA adapters (`vlm.adapters`) is saved merged (`merge_lora=True`: plain linears
+holding W + s B A), or unmerged: the parts above hold the base (adapted linears' frozen weights,
+dequantised from NF4), and
+
+    D/adapter/             the text backbone's adapters in PEFT's layout; `base_model_name_or_path`
+                           is D/text, so `peft.PeftModel.from_pretrained(LlamaForCausalLM(D/text), D/adapter)`
+    D/adapters.safetensors adapters of the vision tower and fusion (vlm names; rank, alpha, dropout
+                           and DoRA per module in its metadata)
+
+`load_model` puts unmerged adapters back on (`vlm.adapters.merge_lora` merges them).
+
 A directory is written under a temporary name next to its target and renamed when complete, so a
 crash never leaves a half-written model under the final name. Its folders and files get the modes
 the umask gives (0755 and 0644 under umask 0022), not those of the temporary folder (0700) or of
@@ -16,17 +27,22 @@ safetensors, so loading never unpickles.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from torch import nn
 
+from vlm.adapters import LoRALinear, adapter_state_dict, load_peft_adapter, lora_modules, save_peft_adapter, wrap_linears
+from vlm.adapters.nf4 import dequantize, is_nf4
 from vlm.checkpoints import load_llama, save_llama_hf
 from vlm.fusion import build_fusion
 from vlm.model import VisionLanguageModel, VLMConfig
@@ -39,11 +55,14 @@ FORMAT_VERSION = 1
 CONFIG_FILE, TEXT_DIR, VISION_FILE, FUSION_FILE, TOKENIZER_FILE = (
     "config.json", "text", "vision.safetensors", "fusion.safetensors", "tokenizer.json")
 _ALIASES_KEY = "vlm_aliases"  # safetensors metadata: {"dropped name": "stored name"} for tied tensors
+ADAPTER_DIR, ADAPTERS_FILE = "adapter", "adapters.safetensors"
+_ADAPTERS_KEY = "vlm_lora"  # safetensors metadata: {module name: {"rank", "alpha", "dropout", "use_dora"}}
 
 
 def save_model(model: VisionLanguageModel, path: str | Path, *, tokenizer: Tokenizer | None = None,
-               overwrite: bool = False) -> None:
-    """Write `model` (and `tokenizer`) as a model directory at `path`.
+               overwrite: bool = False, merge_lora: bool = True) -> None:
+    """Write `model` (and `tokenizer`) as a model directory at `path`; LoRA adapters merged, or
+    with `merge_lora=False` beside the base (module docstring). `model` is left as it was.
 
     An existing non-empty directory is refused unless `overwrite=True`, and even then only if it
     is a model directory (has our config.json): a mistyped path never deletes someone's files.
@@ -56,9 +75,12 @@ def save_model(model: VisionLanguageModel, path: str | Path, *, tokenizer: Token
     tmp = Path(tempfile.mkdtemp(prefix=f"{path.name}.tmp-", dir=path.parent))
     try:
         (tmp / CONFIG_FILE).write_text(_config_json(model.config))
-        save_llama_hf(model.text, tmp / TEXT_DIR)
-        save_tensors(model.vision.state_dict(), tmp / VISION_FILE)
-        save_tensors(model.fusion.state_dict(), tmp / FUSION_FILE)
+        with _plain_linears(model, merge=merge_lora):
+            save_llama_hf(model.text, tmp / TEXT_DIR)
+            save_tensors(model.vision.state_dict(), tmp / VISION_FILE)
+            save_tensors(model.fusion.state_dict(), tmp / FUSION_FILE)
+        if not merge_lora:
+            _save_adapters(model, tmp, text_dir=path.resolve() / TEXT_DIR)
         if tokenizer is not None:
             tokenizer.save(tmp / TOKENIZER_FILE)
         _apply_umask(tmp)
@@ -66,6 +88,66 @@ def save_model(model: VisionLanguageModel, path: str | Path, *, tokenizer: Token
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def _plain_linears(model: nn.Module, *, merge: bool) -> Iterator[None]:
+    """Every LoRALinear of `model` replaced, for the moment of saving, by a plain linear: its
+    merged weight (`merge`), or its base's (dense)."""
+    adapted = lora_modules(model)
+    try:
+        for name, module in adapted.items():
+            model.set_submodule(name, module.merged() if merge else _dense_base(module))
+        yield
+    finally:
+        for name, module in adapted.items():
+            model.set_submodule(name, module)
+
+
+def _dense_base(module: LoRALinear) -> nn.Linear:
+    if not is_nf4(module.base.weight):
+        return module.base
+    linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+    linear.weight = nn.Parameter(dequantize(module.base.weight), requires_grad=False)
+    linear.bias = module.bias
+    return linear
+
+
+def _save_adapters(model: nn.Module, folder: Path, *, text_dir: Path) -> None:
+    """The text adapters in PEFT's layout, the others in ADAPTERS_FILE (module docstring)."""
+    adapted = lora_modules(model)
+    if not adapted:
+        raise ValueError("merge_lora=False (--no-merge-lora) needs a model with LoRA adapters; this one has none")
+    if any(name.startswith("text.") for name in adapted):
+        save_peft_adapter(model, folder / ADAPTER_DIR, base_model_name_or_path=str(text_dir), ignore_non_text=True)
+    others = {name: m for name, m in adapted.items() if not name.startswith("text.")}
+    if others:
+        settings = {name: {"rank": m.rank, "alpha": m.rank * m.scaling, "use_dora": m.use_dora,
+                           "dropout": m.dropout.p if isinstance(m.dropout, nn.Dropout) else 0.0}
+                    for name, m in others.items()}
+        tensors = {k: v.cpu().contiguous() for k, v in adapter_state_dict(model).items() if not k.startswith("text.")}
+        save_file(tensors, str(folder / ADAPTERS_FILE), metadata={"format": "pt", _ADAPTERS_KEY: json.dumps(settings)})
+
+
+def _load_adapters(model: nn.Module, folder: Path) -> None:
+    """Put the adapters an unmerged export saved back on `model` (nothing when there are none)."""
+    if (folder / ADAPTER_DIR).is_dir():
+        load_peft_adapter(model, folder / ADAPTER_DIR)
+    file = folder / ADAPTERS_FILE
+    if not file.is_file():
+        return
+    tensors = load_tensors(file)
+    with safe_open(str(file), framework="pt") as handle:
+        settings = json.loads((handle.metadata() or {}).get(_ADAPTERS_KEY, "{}"))
+    for name, options in settings.items():
+        wrap_linears(model, [name], **options)
+    expected = {k: v for k, v in adapter_state_dict(model).items() if k.split(".", 1)[0] != "text"}
+    problems = sorted(set(expected) ^ set(tensors))
+    if problems:
+        raise ValueError(f"{file}: adapter tensors do not match its settings: {problems[:3]}")
+    with torch.no_grad():
+        for key, tensor in tensors.items():
+            expected[key].copy_(tensor)
 
 
 def _umask() -> int:
@@ -181,7 +263,7 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_model(path: str | Path, *, device: str | torch.device | None = None,
                dtype: torch.dtype | None = None) -> VisionLanguageModel:
-    """Rebuild the model saved at `path`, in eval mode.
+    """Rebuild the model saved at `path`, in eval mode (with the adapters of an unmerged export).
 
     `dtype=None` keeps each part in the dtype it was saved in. Every missing, unexpected or
     mis-shaped tensor is an error that names it (with both shapes).
@@ -197,7 +279,9 @@ def load_model(path: str | Path, *, device: str | torch.device | None = None,
         state = load_tensors(path / file)
         module.to(device=device, dtype=dtype or _floating_dtype(state) or torch.float32)
         load_state_dict_checked(module, state, source=str(path / file))
-    return VisionLanguageModel(config, text=text, vision=vision, fusion=fusion).eval()
+    model = VisionLanguageModel(config, text=text, vision=vision, fusion=fusion)
+    _load_adapters(model, path)
+    return model.eval()
 
 
 def read_config(path: str | Path) -> VLMConfig:

@@ -4,13 +4,16 @@
 - `instruct`: fusion + text backbone.
 - `full`: everything, vision tower included.
 Or explicit `include` / `exclude` glob patterns over parameter names (applied after the stage).
+
+LoRA adapters (`vlm.adapters`) train whatever the stage, unless excluded; the frozen linears they
+wrap (`*.base.weight`, `*.base.bias`) never train, whatever the stage or patterns say.
 """
 
 from __future__ import annotations
 
 import fnmatch
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -24,9 +27,11 @@ PARTS = ("vision", "fusion", "text")
 
 @dataclass
 class ParameterTable:
-    """Trainable and frozen parameter counts per part."""
+    """Trainable and frozen parameter counts per part; `adapters`: the LoRA tensors among the
+    trainable ones (a part without adapters has no entry)."""
 
     rows: dict[str, tuple[int, int]]  # part -> (trainable, frozen)
+    adapters: dict[str, int] = field(default_factory=dict)  # part -> trainable LoRA parameters
 
     @property
     def trainable(self) -> int:
@@ -37,10 +42,14 @@ class ParameterTable:
         return sum(f for _, f in self.rows.values())
 
     def __str__(self) -> str:
-        lines = [f"{'part':<8} {'trainable':>14} {'frozen':>14}"]
+        if not self.adapters:
+            lines = [f"{'part':<8} {'trainable':>14} {'frozen':>14}"]
+            lines += [f"{part:<8} {trainable:>14,} {frozen:>14,}" for part, (trainable, frozen) in self.rows.items()]
+            return "\n".join([*lines, f"{'total':<8} {self.trainable:>14,} {self.frozen:>14,}"])
+        lines = [f"{'part':<8} {'trainable':>14} {'of which LoRA':>14} {'frozen':>14}"]
         for part, (trainable, frozen) in self.rows.items():
-            lines.append(f"{part:<8} {trainable:>14,} {frozen:>14,}")
-        lines.append(f"{'total':<8} {self.trainable:>14,} {self.frozen:>14,}")
+            lines.append(f"{part:<8} {trainable:>14,} {self.adapters.get(part, 0):>14,} {frozen:>14,}")
+        lines.append(f"{'total':<8} {self.trainable:>14,} {sum(self.adapters.values()):>14,} {self.frozen:>14,}")
         return "\n".join(lines)
 
 
@@ -61,6 +70,7 @@ def set_trainable(
     for pattern in (*include, *exclude):
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
             raise ValueError(f"pattern {pattern!r} matches no parameter (names look like {names[0]!r})")
+    adapters, bases = _adapter_parameters(model)
     vision = getattr(model, "vision", None)
     if vision is not None and hasattr(vision, "set_frozen"):
         # The tower knows which of its parameters its library keeps fixed (e.g. sin-cos tables).
@@ -68,6 +78,7 @@ def set_trainable(
     for name, param in model.named_parameters():
         part = name.split(".")[0]
         on = (param.requires_grad if part == "vision" else part in parts) or any(fnmatch.fnmatchcase(name, p) for p in include)
+        on = (on or name in adapters) and name not in bases
         param.requires_grad_(on and not any(fnmatch.fnmatchcase(name, p) for p in exclude))
     if vision is not None and hasattr(vision, "frozen"):
         # A tower with nothing to train stays in eval mode (fixed norms, no dropout).
@@ -78,6 +89,8 @@ def set_trainable(
 
 def parameter_table(model: nn.Module) -> ParameterTable:
     rows: dict[str, list[int]] = {}
+    adapters: dict[str, int] = {}
+    adapter_names = _adapter_parameters(model)[0]
     seen: set[int] = set()
     for name, param in model.named_parameters():
         if id(param) in seen:  # tied weights count once
@@ -86,4 +99,18 @@ def parameter_table(model: nn.Module) -> ParameterTable:
         part = name.split(".")[0]
         row = rows.setdefault(part, [0, 0])
         row[0 if param.requires_grad else 1] += param.numel()
-    return ParameterTable({part: (t, f) for part, (t, f) in rows.items()})
+        if name in adapter_names and param.requires_grad:
+            adapters[part] = adapters.get(part, 0) + param.numel()
+    return ParameterTable({part: (t, f) for part, (t, f) in rows.items()}, adapters)
+
+
+def _adapter_parameters(model: nn.Module) -> tuple[set[str], set[str]]:
+    """Names of the LoRA adapter parameters of `model` and of the frozen linears they wrap."""
+    from vlm.adapters import LoRALinear  # vlm.adapters reads PARTS from here: imported on use
+
+    adapters, bases = set(), set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            for name, _ in module.named_parameters(prefix=prefix):
+                (bases if name.startswith(f"{prefix}.base.") else adapters).add(name)
+    return adapters, bases

@@ -21,6 +21,8 @@ RECIPES = [
     ["emoji.yaml", "fusion/flamingo.yaml"],
     ["shapes.yaml", "fusion/llava.yaml", "stage/dpo.yaml"],
     ["shapes.yaml", "fusion/flamingo.yaml", "stage/dpo.yaml"],
+    ["shapes.yaml", "fusion/llava.yaml", "peft/lora.yaml"],
+    ["llama32_1b_clip/base.yaml", "llama32_1b_clip/flamingo.yaml", "peft/qlora.yaml"],
     *[["llama32_1b_clip/base.yaml", f"llama32_1b_clip/{fusion}.yaml", f"stage/{stage}.yaml"]
       for fusion in ("llava", "flamingo") for stage in ("align", "instruct")],
 ]
@@ -32,7 +34,7 @@ MODIFIERS = sorted(str(p.relative_to(CONFIGS)) for folder in ("strategy", "preci
 
 def test_every_shipped_yaml_is_in_a_tested_recipe():
     shipped = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml"))
-    assert len(shipped) == 11 + len(MODIFIERS), shipped
+    assert len(shipped) == 13 + len(MODIFIERS), shipped
     assert len(MODIFIERS) >= 2
     assert sorted({f for recipe in RECIPES for f in recipe} | set(MODIFIERS)) == shipped
 

@@ -12,7 +12,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from vlm.model import ModelInput, VLMConfig, build_model
 from vlm.stages import set_trainable
-from vlm.training.memory import compose, estimate_memory, main, resolve_precision, resolve_strategy
+from vlm.training.memory import NF4_BYTES, compose, estimate_memory, main, resolve_precision, resolve_strategy
 from vlm.training.parallel import blocks as units
 from vlm.training.optim import OptimConfig, build_optimizer
 
@@ -57,6 +57,14 @@ def caption_batch(model, batch_size: int, seq_len: int) -> ModelInput:
                       torch.where(ids == IMAGE_ID, -100, ids))
 
 
+def plain_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors holding a tensor subclass's data (an NF4 weight's codes and scales), or the tensor."""
+    if not hasattr(tensor, "__tensor_flatten__"):
+        return [tensor]
+    names, _ = tensor.__tensor_flatten__()
+    return [inner for name in names for inner in plain_tensors(getattr(tensor, name))]
+
+
 def measured_peak(model, batch) -> int:
     """Peak bytes allocated on the CPU during one steady-state training step in Lightning's order:
     forward, zero_grad, backward, AdamW step.
@@ -67,8 +75,9 @@ def measured_peak(model, batch) -> int:
     state are made inside the profiled window (zero gradients, one AdamW step), before the step.
     """
     optimizer, _ = build_optimizer(model, OptimConfig(), 10)
-    tensors = [*model.parameters(), *model.buffers(), *vars(batch).values()]
-    live = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t is not None}.values())
+    tensors = [inner for t in [*model.parameters(), *model.buffers(), *vars(batch).values()] if t is not None
+               for inner in plain_tensors(t)]
+    live = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         for param in model.parameters():
             param.grad = torch.zeros_like(param) if param.requires_grad else None
@@ -210,3 +219,40 @@ def test_cli_refuses_what_training_refuses(extra, message, capsys):
     assert vlm_main(["memory", *shapes, *extra[:2], "--devices", "2", *extra[4:]]) == 0
     tensor_parallel = [arg for arg in extra[4:] if not arg.startswith("--")]
     assert ("tensor parallel x2" in capsys.readouterr().out) == bool(tensor_parallel)
+
+
+def test_lora_counts_adapters_and_qlora_nf4_weights():
+    lora, qlora = (estimate_memory([*LLAMA, str(CONFIGS / "peft" / name)]) for name in ("lora.yaml", "qlora.yaml"))
+    shapes = [(2048, 2048), (2048, 512), (2048, 512), (2048, 2048), (2048, 8192), (2048, 8192), (8192, 2048)]  # q k v o w1 w3 w2
+    adapters = 16 * 16 * sum(i + o for i, o in shapes)  # rank 16, 16 layers
+    adapted = 16 * sum(i * o for i, o in shapes)
+    projector = 1024 * 2048 + 2048 + 2048 * 2048 + 2048
+    for estimate in (lora, qlora):
+        assert estimate.parameters.adapters == {"text": adapters} and estimate.parameters.rows["fusion"] == (projector, 0)
+        assert estimate.parameters.rows["text"][0] == adapters and estimate.parameters.trainable == adapters + projector
+        assert estimate.static["gradients"] == (4 * (adapters + projector), 0)  # adapters and projector only (fp32)
+        assert estimate.static["optimizer"] == (8 * (adapters + projector), 0)
+        assert "of which LoRA" in str(estimate)
+    frozen = lora.parameters.frozen  # the adapted weights included
+    assert lora.static["weights"][1] == 4 * frozen
+    assert abs(qlora.static["weights"][1] - (4 * (frozen - adapted) + NF4_BYTES * adapted)) <= 1
+    assert NF4_BYTES / 2 <= 0.35  # QLoRA's adapted weights: at most 35% of their bf16 bytes
+    assert lora.static["weight copies"][1] - qlora.static["weight copies"][1] == 2 * adapted  # NF4 keeps no bf16 cast
+    assert any(note.startswith("QLoRA: the adapted weights in NF4") for note in qlora.notes)
+
+
+def test_qlora_estimate_is_within_25_percent_of_the_measured_peak(tmp_path):
+    from vlm.adapters import LoRAConfig
+    from vlm.training.lora import LoRARun
+
+    files = [*tiny_recipe(tmp_path, "llava", "align"), str(CONFIGS / "peft" / "qlora.yaml")]
+    estimate = estimate_memory(files, batch_size=4, seq_len=256).total(False)
+    section = compose(files)["model"]
+    torch.manual_seed(0)
+    model = build_model(VLMConfig.from_dict(section["config"]))
+    run = LoRARun(LoRAConfig(**section["lora"]), text_checkpoint=None, init_checkpoint=None)
+    run.apply(model)
+    set_trainable(model, section["stage"])
+    run.quantize(model)
+    peak = measured_peak(model.train(), caption_batch(model, 4, 256))
+    assert abs(estimate - peak) <= 0.25 * peak, f"estimated {estimate / 2**20:.1f} MiB, measured {peak / 2**20:.1f} MiB"

@@ -60,6 +60,13 @@ class Activations:
         `saved`: another op keeps that tensor already."""
         own, shared = 0, False
         for fqn, linear in linears:
+            if getattr(linear, "lora_A", None) is not None:  # a LoRALinear: B keeps A's output [rows, rank]
+                own += linear.rank * self.p.compute
+                if isinstance(linear.dropout, nn.Dropout) and linear.dropout.p > 0:
+                    # A's own (dropped) input, and the mask: 1 byte on CUDA (native_dropout); CPU's
+                    # dropout keeps it in the input's dtype (under-counted here)
+                    own += linear.in_features * (self.p.compute + 1)
+                    continue  # the frozen weight needs no input
             fp8 = self.p.fp8(linear, fqn)
             if not (linear.weight.requires_grad or fp8):  # the input's gradient needs only the weight
                 continue

@@ -23,16 +23,26 @@ class TrainingState(L.Callback):
     """Always on (added by the CLI): prints the parameter table, counts consumed batches for the
     data module, and keeps the RNG states in checkpoints so that a resumed run is exact."""
 
+    def __init__(self) -> None:
+        self._restored: dict | None = None  # RNG states loaded from a checkpoint, not yet applied
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         table = getattr(pl_module, "parameter_table", None)
         if table is not None:
-            rank_zero_info(f"trainable parameters (stage {pl_module.stage!r}):\n{table}")
+            lora = getattr(pl_module, "lora", None)  # its adapters: the table's "of which LoRA" column
+            adapters = "" if lora is None else f", LoRA rank {lora.rank}" + (" on NF4 bases" if lora.quantize_base else "")
+            rank_zero_info(f"trainable parameters (stage {pl_module.stage!r}{adapters}):\n{table}")
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if self._restored is not None:
+            self._set_rng(self._restored)
+            self._restored = None
         if hasattr(trainer.datamodule, "batches_consumed"):
             trainer.datamodule.batches_consumed += 1
 
     def state_dict(self) -> dict:
+        if self._restored is not None:
+            return self._restored
         version, internal, gauss = random.getstate()
         state = {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss]}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -40,6 +50,13 @@ class TrainingState(L.Callback):
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        # Applied at the first training batch, not now: making the data loader's iterator draws a
+        # seed from the global RNG, which the uninterrupted run did before the saved state (random
+        # draws in the forward, such as LoRA's dropout, then differ).
+        self._restored = state
+
+    @staticmethod
+    def _set_rng(state: dict) -> None:
         torch.set_rng_state(state["torch"])
         version, internal, gauss = state["python"]
         random.setstate((version, tuple(internal), gauss))

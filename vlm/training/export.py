@@ -1,5 +1,9 @@
 """`vlm export --checkpoint C --out D`: a Lightning checkpoint -> a model directory that
-`vlm.load_model(D)` and `vlm caption --model D` read without Lightning."""
+`vlm.load_model(D)` and `vlm caption --model D` read without Lightning.
+
+A LoRA run's checkpoint (adapters and trained tensors only) is exported with its base rebuilt and
+checked (`vlm.training.lora`): merged by default (`--merge-lora`), or with `--no-merge-lora` as the
+base plus its adapters (the text backbone's in PEFT's layout, see `vlm.export`)."""
 
 from __future__ import annotations
 
@@ -11,17 +15,22 @@ from pathlib import Path
 
 import torch
 
+from vlm.errors import UserError
 from vlm.export import save_model
 from vlm.model import VisionLanguageModel, VLMConfig, build_model
 from vlm.text.tokenizer import Tokenizer
 from vlm.training.checkpointing import read_metadata, read_sharded_model_state
+from vlm.training.lora import is_lora_checkpoint, model_from_lora_checkpoint
 
 
 def model_from_checkpoint(path: str | Path) -> tuple[VisionLanguageModel, dict]:
     """Rebuild the model of a VLMModule checkpoint: a file, or the directory a sharded run (FSDP1
-    or FSDP2) writes. Everything is read with weights_only=True / as tensors; returns (model, metadata)."""
+    or FSDP2) writes. Everything is read with weights_only=True / as tensors; returns (model, metadata).
+    A LoRA run's model comes with its adapters (unmerged)."""
     path = Path(path)
     checkpoint = read_metadata(path)
+    if is_lora_checkpoint(checkpoint):
+        return model_from_lora_checkpoint(checkpoint, path), checkpoint
     model = _build(checkpoint, path)
     if path.is_dir():  # every rank's shards read whole in this process (no process group needed)
         model.load_state_dict(read_sharded_model_state(path, model.state_dict()), strict=True)
@@ -49,6 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="the model directory to write")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the one the run trained with)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing model directory")
+    parser.add_argument("--merge-lora", action=argparse.BooleanOptionalAction, default=True,
+                        help="a LoRA run: merge the adapters into the weights (default), or write the base and the "
+                             "adapters (text: PEFT layout in OUT/adapter) with --no-merge-lora")
     args = parser.parse_args(argv)
     try:
         model, checkpoint = model_from_checkpoint(args.checkpoint)
@@ -56,8 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if tokenizer_path is None:
             raise ValueError(f"{args.checkpoint}: no tokenizer recorded; pass --tokenizer")
         tokenizer = Tokenizer.from_file(tokenizer_path)
-        save_model(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        save_model(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite, merge_lora=args.merge_lora)
+    except (UserError, ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"vlm export: {err}", file=sys.stderr)
         return 2
     print(f"exported {args.checkpoint} -> {args.out}")

@@ -23,6 +23,11 @@ from shapes, for one steady-state training step:
   either the end of the forward (old gradients + the loss chunk) or a block's backward (its
   gradient temporaries; with checkpointing, while the new gradients build up).
 
+LoRA / QLoRA (`model.lora`): the adapters are put on the meta model, so the trainable set, the
+gradients and the AdamW moments are the adapters' plus what the stage trains fully; an adapted
+linear keeps its input for the adapter's gradient. With `quantize_base: nf4` the adapted weights
+take `NF4_BYTES` each (sharded alike), keep no autocast cast and are gathered in NF4.
+
 fp8 (`vlm.training.fp8.Float8Precision`): the plugin's own filter picks the fp8 linears. Our
 `delayed` recipe keeps their inputs and weights as 1-byte casts; torchao's `tensorwise` and
 `rowwise` keep the high-precision (autocast) input, so those count as bf16. fp8 layers of a trained
@@ -45,17 +50,22 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 from torch import nn
 
+from vlm.adapters import lora_modules
+from vlm.adapters.nf4 import BLOCK_SIZE, SCALER_BLOCK_SIZE
 from vlm.errors import UserError
 from vlm.model import VisionLanguageModel, VLMConfig, build_model
 from vlm.stages import ParameterTable, set_trainable
 from vlm.training.activations import Activations, Shapes, activation_rows
 from vlm.training.cli import VLMCLI
+from vlm.training.lora import LoRARun, lora_settings
 from vlm.training.parallel import blocks
 
 # trainer.precision: (parameter bytes, matmul/attention bytes, residual-stream bytes, autocast)
 PRECISIONS = {"32-true": (4, 4, 4, False), "bf16-mixed": (4, 2, 4, True), "16-mixed": (4, 2, 4, True),
               "bf16-true": (2, 2, 2, False), "16-true": (2, 2, 2, False)}
 ALIASES = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
+# An NF4 weight: 4-bit codes, an int8 absmax per block, an fp32 factor per group of block scales.
+NF4_BYTES = 0.5 + 1 / BLOCK_SIZE + 4 / (BLOCK_SIZE * SCALER_BLOCK_SIZE)
 
 
 @dataclass(frozen=True)
@@ -194,33 +204,38 @@ def _split(items: Iterable[tuple[nn.Parameter, float]]) -> tuple[int, int]:
     return math.ceil(out[0]), math.ceil(out[1])
 
 
-def static_memory(model: VisionLanguageModel, p: Precision, strategy: Strategy, grad_parts: set[str]) -> dict[str, tuple[int, int]]:
-    """Per device (trainable, frozen) bytes of the weights, their working copies, gradients, AdamW moments."""
+def static_memory(model: VisionLanguageModel, p: Precision, strategy: Strategy, grad_parts: set[str],
+                  nf4: frozenset[int] = frozenset()) -> dict[str, tuple[int, int]]:
+    """Per device (trainable, frozen) bytes of the weights, their working copies, gradients, AdamW
+    moments; `nf4`: ids of the parameters stored in NF4 (QLoRA's adapted weights)."""
 
     def per_device(shards: int) -> tuple[int, int]:
-        return _split((q, p.param / (shards * strategy.tensor_split(name))) for name, q in model.named_parameters())
+        return _split((q, (NF4_BYTES if id(q) in nf4 else p.param) / (shards * strategy.tensor_split(name)))
+                      for name, q in model.named_parameters())
 
     weights, trainable = per_device(strategy.weight_shards), per_device(strategy.state_shards)[0]
     if strategy.offload:
         weights, trainable = (0, 0), 0  # in host memory
     buckets = trainable if strategy.ddp else 0  # DDP's gradient buckets (not views of the gradients)
-    return {"weights": weights, "weight copies": weight_copies(model, p, strategy, grad_parts),
+    return {"weights": weights, "weight copies": weight_copies(model, p, strategy, grad_parts, nf4),
             "gradients": (trainable + buckets, 0), "optimizer": (2 * trainable, 0)}
 
 
-def weight_copies(model: VisionLanguageModel, p: Precision, strategy: Strategy, grad_parts: set[str]) -> tuple[int, int]:
+def weight_copies(model: VisionLanguageModel, p: Precision, strategy: Strategy, grad_parts: set[str],
+                  nf4: frozenset[int] = frozenset()) -> tuple[int, int]:
     items: list[tuple[nn.Parameter, float]] = []
     if strategy.gathers:  # the unsharded root, and the running and the prefetched block
         units = blocks(model)
         inside = {id(q) for b in units for q in b.parameters()}
         largest = sorted(units, key=lambda b: sum(q.numel() for q in b.parameters()))[-2:]
-        items += [(q, strategy.gather_bytes) for q in model.parameters() if id(q) not in inside]
-        items += [(q, strategy.gather_bytes) for b in largest for q in b.parameters()]
+        gathered = [q for q in model.parameters() if id(q) not in inside] + [q for b in largest for q in b.parameters()]
+        items += [(q, NF4_BYTES if id(q) in nf4 else strategy.gather_bytes) for q in gathered]
     casts = p.casts(strategy)
     for fqn, module in model.named_modules():
         weight = module.weight if isinstance(module, nn.Linear) else getattr(module, "in_proj_weight", None)
-        if weight is None or fqn == "text.output" or fqn.split(".")[0] not in grad_parts:
-            continue  # text.output: the loss's cast is a transient; a part without autograd keeps no casts
+        if weight is None or fqn == "text.output" or fqn.split(".")[0] not in grad_parts or id(weight) in nf4:
+            continue  # text.output: the loss's cast is a transient; a part without autograd keeps no casts;
+            # an NF4 weight is dequantised again in backward
         if p.fp8(module, fqn):
             items += [(weight, 1)] if p.fp8_recipe == "delayed" else []
         elif casts:
@@ -247,7 +262,7 @@ class MemoryEstimate:
         return sum(map(sum, self.static.values())) + sum(a[on] for a in self.activations.values())
 
     def __str__(self) -> str:
-        p, s, st = self.precision, self.shapes, self.strategy
+        p, s, st, adapters = self.precision, self.shapes, self.strategy, self.parameters.adapters
         param = p.dtype(p.param)
         copies = "+".join(["unsharded"] * st.gathers + [f"{p.dtype(p.compute)} casts"] * p.casts(st)) or "none"
         labels = {"weights": f"weights ({param})", "weight copies": f"weight copies ({copies})",
@@ -257,8 +272,9 @@ class MemoryEstimate:
                  f"strategy {st.name} on {st.devices} device(s): weights / {st.weight_shards}, gradients and optimizer / "
                  f"{st.state_shards}{tensor}; precision {p.name}; per device {s.batch_size} x {s.seq_len} tokens, "
                  f"{s.images_per_sample} image(s) per sample", "",
-                 f"{'parameters':<34}{'trainable':>16}{'frozen':>16}"]
-        lines += [f"  {part:<32}{t:>16,}{f:>16,}" for part, (t, f) in self.parameters.rows.items()]
+                 f"{'parameters':<34}{'trainable':>16}" + (f"{'of which LoRA':>16}" if adapters else "") + f"{'frozen':>16}"]
+        lines += [f"  {part:<32}{t:>16,}" + (f"{adapters.get(part, 0):>16,}" if adapters else "") + f"{f:>16,}"
+                  for part, (t, f) in self.parameters.rows.items()]
         lines += ["", f"{'per device':<34}{'trainable':>16}{'frozen':>16}{'total':>16}"]
         lines += [f"  {labels[k]:<32}{_size(t):>16}{_size(f):>16}{_size(t + f):>16}" for k, (t, f) in self.static.items()]
         lines += [f"{'activations':<34}{'no checkpointing':>16}{'checkpointing':>16}"]
@@ -291,14 +307,20 @@ def compose(config_files: Sequence[str], cli_args: Sequence[str] = ()) -> dict[s
     return parser.config.as_dict()
 
 
-def meta_model(model: Mapping[str, Any]) -> tuple[VisionLanguageModel, ParameterTable]:
-    """The recipe's model on the meta device, with its stage's trainable set."""
+def meta_model(model: Mapping[str, Any]) -> tuple[VisionLanguageModel, ParameterTable, frozenset[int]]:
+    """The recipe's model on the meta device, with its LoRA adapters and its stage's trainable set;
+    and the ids of the parameters QLoRA stores in NF4."""
     config = dict(model["config"])
     config["vision"] = {**config["vision"], "checkpoint_path": None}  # structure only: no weights are read
     with torch.device("meta"):
         vlm = build_model(VLMConfig.from_dict(config))
+        lora = lora_settings(model.get("lora"))
+        if lora is not None:
+            LoRARun(lora, text_checkpoint=None, init_checkpoint=None).apply(vlm)  # bases dense: counted as NF4 below
     table = set_trainable(vlm, model.get("stage"), include=model.get("include") or (), exclude=model.get("exclude") or ())
-    return vlm, table
+    quantized = lora is not None and lora.quantize_base == "nf4"
+    nf4 = frozenset(id(m.base.weight) for m in lora_modules(vlm).values()) if quantized else frozenset()
+    return vlm, table, nf4
 
 
 def estimate_memory(config_files: list[str], *, devices: int | None = None, batch_size: int | None = None,
@@ -320,7 +342,7 @@ def estimate_memory(config_files: list[str], *, devices: int | None = None, batc
     precision = resolve_precision(trainer)
     strategy = resolve_strategy(trainer, model_section, precision, devices)
     check_trainable(precision, strategy)  # before the model is built: refused recipes fail fast
-    model, table = meta_model(model_section)
+    model, table, nf4 = meta_model(model_section)
     seq_len = seq_len or data.get("max_length") or model.text.config.max_seq_len
     shapes = Shapes(batch_size or data.get("batch_size") or 1, seq_len, images_per_sample)
     if seq_len < images_per_sample * model.tokens_per_image:
@@ -328,9 +350,9 @@ def estimate_memory(config_files: list[str], *, devices: int | None = None, batc
     activations = Activations(model, precision, shapes, tensor_parallel=strategy.tensor_parallel)
     grad_parts = {part for part, on in (("vision", activations.vision_grad), ("fusion", activations.upstream),
                                         ("text", activations.text_grad)) if on}
-    static = static_memory(model, precision, strategy, grad_parts)
+    static = static_memory(model, precision, strategy, grad_parts, nf4)
     freed = static["gradients"][0] // (2 if strategy.ddp else 1)  # zero_grad frees the gradients, not DDP's buckets
-    notes = _notes(trainer, precision, strategy, devices)
+    notes = _notes(trainer, precision, strategy, devices) + _lora_notes(model, nf4)
     if model.config.fusion.name not in Activations.FUSIONS:
         notes.append(f"fusion {model.config.fusion.name!r}: its activations are not modeled (counted as 0)")
     return MemoryEstimate([str(f) for f in config_files], precision, strategy, shapes, table, static,
@@ -351,6 +373,20 @@ def _notes(trainer: Mapping[str, Any], precision: Precision, strategy: Strategy,
     if precision.fp8_recipe:
         kept = "1-byte casts" if precision.fp8_recipe == "delayed" else "their high-precision inputs (as bf16)"
         notes.append(f"fp8 {precision.fp8_recipe}: fp8 linears keep {kept}; a trained vision tower's fp8 layers count as bf16")
+    return notes
+
+
+def _lora_notes(model: VisionLanguageModel, nf4: frozenset[int]) -> list[str]:
+    adapted = lora_modules(model)
+    if not adapted:
+        return []
+    first = next(iter(adapted.values()))
+    parts = sorted({name.split(".")[0] for name in adapted})
+    notes = [f"LoRA rank {first.rank} on {len(adapted)} linears ({', '.join(parts)}): gradients and AdamW moments "
+             "for the adapters and what the stage trains fully only"]
+    if nf4:
+        notes.append(f"QLoRA: the adapted weights in NF4, {NF4_BYTES:.3f} bytes each (4-bit codes, int8 block scales, "
+                     "fp32 group factors)")
     return notes
 
 

@@ -15,6 +15,8 @@ from vlm.eval.metrics import caption_metrics
 from vlm.model import VisionLanguageModel, VLMConfig, build_model, is_sharded
 from vlm.objectives import PreferenceOutput
 from vlm.stages import set_trainable
+from vlm.training.lora import CHECKPOINT_KEY as LORA_KEY
+from vlm.training.lora import LoRARun, LoRASettings, is_lora_checkpoint, lora_settings
 from vlm.training.optim import OptimConfig, build_optimizer
 from vlm.training.parallel import (apply_activation_checkpointing, apply_fsdp2, apply_tensor_parallel, blocks,
                                    unsharded_root)
@@ -45,6 +47,10 @@ class VLMModule(L.LightningModule):
             answers') or `dpo` (preference pairs against a frozen copy of the starting model, see
             `vlm.training.preference`).
         preference: the DPO-family loss settings when `objective` is dpo.
+        lora: LoRA / QLoRA adapters (`vlm.adapters.LoRAConfig` fields: rank, alpha, dropout,
+            targets, parts, use_dora, quantize_base); they train with whatever the stage trains,
+            adapted linears stay frozen, checkpoints hold the trained tensors only (see
+            `vlm.training.lora`).
     """
 
     def __init__(
@@ -64,6 +70,7 @@ class VLMModule(L.LightningModule):
         label_smoothing: float = 0.0,
         objective: str = "next_token",
         preference: PreferenceConfig | None = None,
+        lora: LoRASettings | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -83,10 +90,18 @@ class VLMModule(L.LightningModule):
                              "(model.preference.label_smoothing is conservative DPO)")
         self.objective = objective
         self.preference = preference if isinstance(preference, PreferenceConfig) else PreferenceConfig(**(preference or {}))
+        self.lora = lora_settings(lora)
+        if self.lora is not None and self.lora.quantize_base and objective == "dpo":
+            raise ValueError("model.lora.quantize_base nf4 does not combine with model.objective dpo (the reference is "
+                             "a dense copy of the starting model, the policy's base NF4): drop quantize_base for DPO")
+        self.lora_run = None if self.lora is None else LoRARun(self.lora, text_checkpoint=text_checkpoint,
+                                                                init_checkpoint=init_checkpoint)
+        self.strict_loading = self.lora_run is None  # a LoRA checkpoint lacks the frozen base: on_load_checkpoint checks it
         # Plain values only, so that checkpoints load with weights_only=True.
         self.save_hyperparameters({"config": config.to_dict(), "stage": stage, "include": self.include,
                                    "exclude": self.exclude, "optim": asdict(self.optim), "objective": objective,
-                                   "preference": asdict(self.preference)})
+                                   "preference": asdict(self.preference),
+                                   "lora": self.lora.to_dict() if self.lora else None})
         self.model: VisionLanguageModel | None = None
         self.reference: Reference | None = None  # dpo: the starting model, frozen (not a submodule), or its cache
         self._share_features = False
@@ -99,6 +114,8 @@ class VLMModule(L.LightningModule):
         """Built here, not in __init__, so that sharding strategies can wrap it as it is created."""
         if self.model is not None:
             return
+        if self.lora_run is not None:
+            self.lora_run.before_build()
         model = build_model(self.config)
         if self.text_checkpoint:
             model.load_text_backbone(self.text_checkpoint)
@@ -106,7 +123,11 @@ class VLMModule(L.LightningModule):
             model.load_state_dict(initial_state(self.init_checkpoint, model.state_dict()), strict=True)
         if self.objective == "dpo":
             self.reference = FrozenReference(model)
+        if self.lora_run is not None:
+            self.lora_run.apply(model)
         self.parameter_table = set_trainable(model, self.stage, include=self.include, exclude=self.exclude)
+        if self.lora_run is not None:
+            self.lora_run.record_base(model)
         tower_frozen = not any(p.requires_grad for p in model.vision.parameters())
         self.model = self._parallelize(model, activation_checkpointing=self.activation_checkpointing)
         if self.reference is not None:  # sharded the same way; nothing to recompute under no_grad
@@ -132,6 +153,8 @@ class VLMModule(L.LightningModule):
             # Lightning converts after configure_model, too late for sharded modules (fp8 needs
             # plain tensors); converting now is idempotent for every vlm precision plugin.
             model = trainer.precision_plugin.convert_module(model)
+        if self.lora_run is not None:
+            model = self.lora_run.prepare(model, trainer, mesh)
         if activation_checkpointing:
             apply_activation_checkpointing(blocks(model))
         if mesh is not None:
@@ -154,13 +177,28 @@ class VLMModule(L.LightningModule):
             self.reference.place(self.trainer.precision_plugin, self.device, sharded=self.device_mesh is not None)
             self.reference = cache_reference(self.reference, self.trainer, self.config)  # the copy is freed
 
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """With LoRA, without the frozen parameters: what checkpoints hold (the base is rebuilt)."""
+        state = super().state_dict(*args, **kwargs)
+        if self.lora_run is None:
+            return state
+        return self.lora_run.trainable_state(state, prefix=f"{kwargs.get('prefix', '')}model.")
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.reference is not None:  # the reference's weights are rebuilt on resume, not stored
             checkpoint[CHECKPOINT_KEY] = {"fingerprint": self.reference.fingerprint}
+        if self.lora_run is not None:
+            checkpoint[LORA_KEY] = self.lora_run.identity()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.reference is not None:
             self.reference.check_checkpoint(checkpoint.get(CHECKPOINT_KEY), self.init_checkpoint)
+        source = str(getattr(self._trainer, "ckpt_path", None) or "the checkpoint")
+        if self.lora_run is not None:
+            self.lora_run.check_checkpoint(checkpoint, set(self.state_dict()), source=source)
+        elif is_lora_checkpoint(checkpoint):
+            raise UserError(f"{source} is a LoRA run's checkpoint (adapters and trained tensors only): resume it with "
+                            "its model.lora, or start a new run from it with model.init_checkpoint")
 
     def forward(self, batch: Any, **kwargs: Any):
         return self.model(batch, **kwargs)
@@ -297,7 +335,9 @@ class VLMModule(L.LightningModule):
 def initial_state(path: str, template: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Model weights from a `vlm fit` checkpoint (a file, or a sharded run's directory) or a
     directory written by `vlm export`; never unpickled. `template`: the model's own state dict."""
-    from vlm.training.checkpointing import is_complete, read_sharded_model_state
+    from vlm.adapters import merge_lora
+    from vlm.training.checkpointing import is_complete, read_metadata, read_sharded_model_state
+    from vlm.training.lora import model_from_lora_checkpoint
 
     folder = Path(path)
     if not folder.exists():
@@ -306,12 +346,14 @@ def initial_state(path: str, template: dict[str, torch.Tensor]) -> dict[str, tor
     if folder.is_dir() and (folder / "config.json").is_file():
         from vlm.export import load_model
 
-        return load_model(path).state_dict()
-    if folder.is_dir():
-        return read_sharded_model_state(folder, template)
+        return merge_lora(load_model(path)).state_dict()  # an unmerged export: its adapters merged
     if not is_complete(folder):
         raise ValueError(f"model.init_checkpoint: {path} is not a complete checkpoint (truncated?)")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = read_metadata(folder) if folder.is_dir() else torch.load(path, map_location="cpu", weights_only=True)
+    if is_lora_checkpoint(checkpoint):  # a LoRA run's: its base rebuilt, its adapters merged
+        return merge_lora(model_from_lora_checkpoint(checkpoint, folder)).state_dict()
+    if folder.is_dir():
+        return read_sharded_model_state(folder, template)
     return {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
 
 

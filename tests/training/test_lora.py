@@ -1,0 +1,275 @@
+"""LoRA / QLoRA in training (`model.lora`, configs/peft/): what trains with each stage and fusion,
+one-line errors naming `model.lora.<field>`, QLoRA quantised once after the precision conversion,
+checkpoints that hold only the trained tensors and the base's identity (another base refused),
+bitwise resume after SIGKILL, `vlm export` merged and unmerged (PEFT layout), and 2 gloo ranks
+under configs/strategy/fsdp2.yaml equal to one process."""
+
+import json
+import signal
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from tiny_models import IMAGE_ID, batch_from, open_gates, tiny_model
+from training_helpers import ROOT, read_losses, run_ranks, tiny_recipe
+
+import vlm
+from vlm.adapters import LoRAConfig, lora_modules, lora_parameters
+from vlm.adapters.nf4 import dequantize, is_nf4, quantize_nf4
+from vlm.errors import UserError
+from vlm.model import build_model
+from vlm.stages import STAGES
+from vlm.training.lora import CHECKPOINT_KEY, LoRARun
+from vlm.training.module import VLMModule
+from vlm.training.optim import OptimConfig, build_optimizer
+
+CONFIGS = ROOT / "configs"
+
+
+def adapter_and_base_names(model) -> tuple[set[str], set[str]]:
+    adapters, bases = set(), set()
+    for name, module in lora_modules(model).items():
+        for param, _ in module.named_parameters(prefix=name):
+            (bases if param.startswith(f"{name}.base.") else adapters).add(param)
+    return adapters, bases
+
+
+# --- configuration -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("field, value", [("rank", 0), ("alpha", -1), ("dropout", 1.0), ("targets", []),
+                                          ("parts", ["txt"]), ("use_dora", "yes"), ("quantize_base", "int4")])
+def test_bad_values_name_the_recipe_key(field, value):
+    with pytest.raises(ValueError, match=rf"^model\.lora\.{field} must be "):
+        VLMModule(tiny_model().config, lora={field: value})
+    with pytest.raises(ValueError, match=r"^model\.lora: unknown keys \['rnak'\]"):
+        VLMModule(tiny_model().config, lora={"rnak": 4})
+
+
+def test_recipe_errors_are_one_line(tmp_path, shapes_dir, capsys):
+    from vlm.cli import main
+
+    recipe = tiny_recipe(tmp_path, shapes_dir, max_steps=1)
+    args = ["fit", *[a for f in ("shapes.yaml", "fusion/llava.yaml", "peft/lora.yaml") for a in ("--config", str(CONFIGS / f))],
+            "--config", str(recipe)]
+    for flags, line in [
+        (["--model.lora.rank", "0"], "vlm fit: model.lora.rank must be a positive integer, got 0"),
+        (["--model.lora.rnak", "4"], "vlm fit: command line: unknown key model.lora.rnak (did you mean model.lora.rank?)"),
+        (["--model.lora.targets", "[nothing]"], "vlm fit: model.lora.targets: 'nothing' matches no nn.Linear in parts "
+                                                "['text'] (names look like 'text.layers.0.attention.wq')"),
+        (["--model.lora.quantize_base", "nf4", "--model.objective", "dpo"],
+         "vlm fit: model.lora.quantize_base nf4 does not combine with model.objective dpo"),
+    ]:
+        assert main([*args, *flags]) == 2
+        err = [e for e in capsys.readouterr().err.splitlines() if e.strip()]
+        assert len(err) == 1 and err[0].startswith(line), err
+
+
+@pytest.mark.parametrize("peft, fusion", [("lora.yaml", "llava"), ("qlora.yaml", "flamingo")])
+def test_shipped_peft_recipes_adapt_every_block_linear(peft, fusion):
+    from vlm.training.cli import VLMCLI
+
+    files = ["llama32_1b_clip/base.yaml", f"llama32_1b_clip/{fusion}.yaml", f"peft/{peft}"]
+    cpu = ["--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--trainer.logger", "false"]
+    cli = VLMCLI(args=[*[a for f in files for a in ("--config", str(CONFIGS / f))], *cpu], run=False)
+    lora = cli.model.lora
+    assert cli.model.stage == "align" and lora.parts == ["text"] and (lora.quantize_base == "nf4") == (peft == "qlora.yaml")
+    config = cli.model.config
+    config.vision.checkpoint_path = None  # structure only
+    with torch.device("meta"):
+        model = build_model(config)
+    names = LoRARun(lora, text_checkpoint=None, init_checkpoint=None).apply(model)
+    assert len(names) == 7 * config.text.n_layers  # q, k, v, o and the three SwiGLU linears of every block
+
+
+# --- what trains -----------------------------------------------------------------------------------
+
+TARGETS = {"llava": ["text.*.attention.wq", "vision.*.attn.qkv", "fusion.projector.0"],
+           "flamingo": ["text.*.feed_forward.w2", "vision.*.attn.qkv", "fusion.blocks.*.to_kv"]}
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+@pytest.mark.parametrize("fusion", ["llava", "flamingo"])
+def test_adapters_and_the_stage_train_and_adapted_linears_never(fusion, stage):
+    module = VLMModule(tiny_model(fusion).config, stage=stage,
+                       lora={"rank": 2, "parts": ["text", "vision", "fusion"], "targets": TARGETS[fusion]})
+    module.configure_model()
+    model = module.model.train()
+    adapters, bases = adapter_and_base_names(model)
+    assert adapters and bases and {n.split(".")[0] for n in adapters} == {"text", "vision", "fusion"}
+    whole = {n for n, _ in model.named_parameters() if n.split(".")[0] in STAGES[stage]}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == adapters | (whole - bases)
+    table = module.parameter_table
+    assert sum(table.adapters.values()) == sum(model.get_parameter(n).numel() for n in adapters)
+    assert "of which LoRA" in str(table) and table.trainable == sum(model.get_parameter(n).numel() for n in trainable)
+
+    if fusion == "flamingo":
+        open_gates(model, 0.5)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.add_(0.05 * torch.randn_like(p))  # B away from 0: every adapter tensor gets a gradient
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer, _ = build_optimizer(model, OptimConfig(lr=1e-2, warmup_steps=0), 10)
+    batch = batch_from(model, [[1, IMAGE_ID, 7, 8, 9, 10], [1, IMAGE_ID, 11, 12]],
+                       [[torch.randn(3, 16, 16)], [torch.randn(3, 16, 16)]], labels=True)
+    model(batch).loss.backward()
+    optimizer.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert adapters <= changed <= trainable
+
+
+def test_qlora_quantises_once_after_the_precision_conversion():
+    from lightning.pytorch.plugins.precision import HalfPrecision
+
+    model = tiny_model("llava")
+    run = LoRARun(LoRAConfig(rank=2, targets=["text.*.attention.wq"], quantize_base="nf4"),
+                  text_checkpoint=None, init_checkpoint=None)
+    run.apply(model)
+    dense = {n: m.base.weight.detach().clone() for n, m in lora_modules(model).items()}
+    model = run.prepare(model, SimpleNamespace(precision_plugin=HalfPrecision("bf16-true")), None)
+    expected = {n: dequantize(quantize_nf4(w.to(torch.bfloat16))) for n, w in dense.items()}
+    model.to(torch.bfloat16)  # Lightning's conversion after configure_model: nothing re-quantised
+    for name, module in lora_modules(model).items():
+        assert is_nf4(module.base.weight) and module.base.weight.dtype == torch.bfloat16
+        assert torch.equal(dequantize(module.base.weight), expected[name])
+    assert run.identity()["quantized_dtype"] == "bfloat16"
+
+
+# --- checkpoints -----------------------------------------------------------------------------------
+
+def test_checkpoint_holds_the_trained_tensors_and_refuses_another_base(tmp_path):
+    config, lora = tiny_model("llava").config, {"rank": 2, "targets": ["text.*.attention.wq", "fusion.projector.0"],
+                                                "parts": ["text", "fusion"]}
+    torch.manual_seed(0)
+    module = VLMModule(config, stage="align", lora=lora)
+    module.configure_model()
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "lora.ckpt")
+    loaded = torch.load(tmp_path / "lora.ckpt", weights_only=True)
+    params = dict(module.model.named_parameters())
+    kept = {k.removeprefix("model.") for k in loaded["state_dict"]}
+    assert {n for n, p in params.items() if p.requires_grad} <= kept  # adapters, projector.2
+    assert not kept & {n for n, p in params.items() if not p.requires_grad}  # no frozen tensor, no adapted base
+    assert "fusion.projector.0.base.weight" not in kept and "fusion.projector.2.weight" in kept
+    assert set(loaded[CHECKPOINT_KEY]) >= {"sha256", "text_checkpoint", "init_checkpoint", "lora"}
+    module.on_load_checkpoint(loaded)  # the same base: accepted
+
+    torch.manual_seed(1)  # another random base
+    other = VLMModule(config, stage="align", lora=lora)
+    other.configure_model()
+    with pytest.raises(UserError) as refused:
+        other.on_load_checkpoint(loaded)
+    message = str(refused.value)
+    assert loaded[CHECKPOINT_KEY]["sha256"][:12] in message and other.lora_run.sha256[:12] in message
+    assert "\n" not in message
+    plain = VLMModule(config, stage="align")
+    plain.configure_model()
+    with pytest.raises(UserError, match="is a LoRA run's checkpoint"):
+        plain.on_load_checkpoint(loaded)
+    with pytest.raises(UserError, match="is not a checkpoint of a LoRA run"):
+        module.on_load_checkpoint({"state_dict": plain.state_dict()})
+
+
+def qlora_recipe(folder: Path, shapes_dir: Path, **extra) -> list[str]:
+    """`vlm fit` of shapes + llava + configs/peft/qlora.yaml, tiny: adapters on text wq/wv and on the
+    projector's first linear (stage align trains its second one fully); a checkpoint every 3 steps."""
+    folder.mkdir()
+    recipe = tiny_recipe(folder, shapes_dir, max_steps=6, every=3, model__stage="align",
+                         model__lora={"rank": 4, "targets": ["text.*.attention.wq", "text.*.attention.wv", "fusion.projector.0"],
+                                      "parts": ["text", "fusion"]}, **extra)
+    spec = yaml.safe_load(recipe.read_text())
+    spec["trainer"]["logger"][0]["init_args"]["flush_logs_every_n_steps"] = 1  # the killed run's losses on disk
+    recipe.write_text(yaml.safe_dump(spec))
+    files = [CONFIGS / "shapes.yaml", CONFIGS / "fusion" / "llava.yaml", CONFIGS / "peft" / "qlora.yaml", recipe]
+    return ["-m", "vlm.cli", "fit", *[a for f in files for a in ("--config", str(f))]]
+
+
+@pytest.mark.slow
+def test_sigkill_resume_is_bitwise_and_the_checkpoint_exports_merged_and_as_peft(tmp_path, shapes_dir):
+    args = qlora_recipe(tmp_path / "fit", shapes_dir)
+    kill = ["--trainer.callbacks+=training_helpers.KillAtStep", "--trainer.callbacks.step=5"]
+    result = run_ranks([*args, *kill], cwd=tmp_path / "fit", expect=-signal.SIGKILL)
+    assert "of which LoRA" in result.stdout + result.stderr  # the parameter table, with its adapter column
+    uninterrupted = read_losses(tmp_path / "fit" / "run")
+    assert sorted(uninterrupted) == list(range(5))
+    run_ranks([*args, "--ckpt_path", "last"], cwd=tmp_path / "fit")  # from the step-3 checkpoint
+    resumed = read_losses(tmp_path / "fit" / "run")
+    assert sorted(resumed) == list(range(6))
+    for step in (3, 4):  # recomputed after the resume: the uninterrupted values, bit for bit
+        assert resumed[step] == uninterrupted[step], (step, resumed[step], uninterrupted[step])
+
+    last = tmp_path / "fit" / "run" / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)  # no NF4 tensor in it
+    from vlm.training.export import main as export, model_from_checkpoint
+
+    adapted, _ = model_from_checkpoint(last)
+    assert all(is_nf4(m.base.weight) for m in lora_modules(adapted).values())
+    frozen = {n for n, p in adapted.named_parameters() if not p.requires_grad}
+    assert not {k.removeprefix("model.") for k in checkpoint["state_dict"]} & frozen
+    assert checkpoint[CHECKPOINT_KEY]["lora"]["quantize_base"] == "nf4"
+
+    merged, unmerged = tmp_path / "merged", tmp_path / "unmerged"
+    assert export(["--checkpoint", str(last), "--out", str(merged)]) == 0
+    assert export(["--checkpoint", str(last), "--out", str(unmerged), "--no-merge-lora"]) == 0
+    ids = [[1, IMAGE_ID, *torch.randint(10, 300, (9,), generator=torch.Generator().manual_seed(0)).tolist()]]
+    pixels = [[torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(1))]]
+    batch = batch_from(adapted, ids, pixels)
+    with torch.no_grad():
+        expected = adapted(batch).logits
+        for folder, adapters in ((merged, 0), (unmerged, len(lora_modules(adapted)))):
+            model = vlm.load_model(folder)
+            assert len(lora_modules(model)) == adapters
+            torch.testing.assert_close(model(batch).logits, expected, atol=1e-5, rtol=0)
+    config = json.loads((unmerged / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((unmerged / "text").resolve())
+    assert config["target_modules"] == ["q_proj", "v_proj"]  # the text adapters; the projector's elsewhere
+    assert set(load_file(unmerged / "adapters.safetensors")) == {"fusion.projector.0.lora_A", "fusion.projector.0.lora_B"}
+
+    transformers, peft = pytest.importorskip("transformers"), pytest.importorskip("peft")
+    hf = peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(unmerged / "text"),
+                                        unmerged / "adapter").eval()
+    text_ids = torch.tensor([ids[0][2:]])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(text_ids).logits, adapted.text(text_ids), atol=1e-5, rtol=1e-5)
+
+
+# --- FSDP2 ------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_two_ranks_under_fsdp2_resume_a_sharded_checkpoint_and_train_as_one_process(tmp_path):
+    """lora_run.py (flamingo, DoRA adapters on text and fusion, validation and checkpoints every 3
+    steps): one process for 6 steps; then 2 ranks resume its step-3 sharded checkpoint (resharded,
+    no frozen tensors in it) and must match its steps 3-5, validation and final tensors (1e-5)."""
+    script = Path(__file__).with_name("lora_run.py")
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_ranks([str(script), "--out", str(one), "--devices", "1"], cwd=tmp_path)
+    run_ranks([str(script), "--out", str(two), "--devices", "2", "--resume", str(one / "checkpoints" / "step=3.ckpt")],
+              cwd=tmp_path)
+    single = json.loads((one / "losses_rank0.json").read_text())
+    ranks = [json.loads((two / f"losses_rank{r}.json").read_text()) for r in (0, 1)]
+    assert single["steps"] == list(range(6)) and ranks[0]["steps"] == ranks[1]["steps"] == [3, 4, 5]
+    for step, (a, b) in enumerate(zip(ranks[0]["losses"], ranks[1]["losses"]), start=3):
+        assert abs((a + b) / 2 - single["losses"][step]) <= 1e-5 * single["losses"][step], (step, single, ranks)
+    vals = [json.loads((folder / f"val_rank{r}.json").read_text()) for folder, r in ((one, 0), (two, 0), (two, 1))]
+    assert abs(vals[1]["val_loss"] - vals[0]["val_loss"]) <= 1e-5 * vals[0]["val_loss"] and vals[1] == vals[2]
+    assert "of which LoRA" in vals[0]["table"]
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from vlm.training.export import model_from_checkpoint
+
+    final = two / "checkpoints" / "step=6.ckpt"
+    assert sorted(p.name for p in final.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    stored = {k for k in FileSystemReader(str(final)).read_metadata().state_dict_metadata if k.startswith("state_dict.")}
+    sharded, _ = model_from_checkpoint(final)
+    reference, _ = model_from_checkpoint(one / "checkpoints" / "step=6.ckpt")
+    frozen = {n for n, p in sharded.named_parameters() if not p.requires_grad}
+    assert stored == {f"state_dict.model.{n}" for n in sharded.state_dict() if n not in frozen}
+    trained = {n: p for n, p in sharded.named_parameters() if p.requires_grad}
+    assert any(n.endswith("lora_B") and p.abs().sum() > 0 for n, p in trained.items())  # the adapters trained
+    for name, value in trained.items():
+        torch.testing.assert_close(value, reference.get_parameter(name), atol=1e-5, rtol=1e-5)

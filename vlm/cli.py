@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("vlm.eval.evaluate:main", "evaluate captioning on shards: JSON report and PNG grid"),
     "memory": ("vlm.training.memory:main", "estimate per-device memory of a recipe"),
     "features": ("vlm.training.features:main", "cache a recipe's frozen vision tower outputs over shards"),
+    "index": ("vlm.retrieval.cli:main", "build a retrieval index over caption shards; query it with images"),
 }
 
 # Subcommands handed to LightningCLI keep their own name as the first argument.

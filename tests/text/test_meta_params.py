@@ -118,7 +118,7 @@ def test_meta_directory_loads_with_the_override(tmp_path):
 
 def test_llama32_shape_with_output_weight(tmp_path, monkeypatch):
     """Tied by the shape table: an output.weight equal to the embeddings loads tied, a different one untied."""
-    monkeypatch.setitem(checkpoints._LLAMA32_TEXT_SHAPES, (64, 2), "tiny Llama 3.2")
+    monkeypatch.setitem(checkpoints.meta._LLAMA32_TEXT_SHAPES, (64, 2), "tiny Llama 3.2")
     write_meta_dir(tmp_path / "tied", tiny(tied=True), use_scaled_rope=True)
     with pytest.warns(UserWarning, match="assuming tiny Llama 3.2"):
         tied = load_llama(tmp_path / "tied").eval()

@@ -52,8 +52,9 @@ class BuildReport:
 
     def summary(self) -> str:
         skips = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items())) or "none"
-        return (f"indexed {self.entries} image(s) from {self.shards_built + self.shards_reused} shard(s) "
-                f"({self.shards_reused} reused from an interrupted build); skipped: {skips}")
+        reused = f" ({self.shards_reused} embedded by an interrupted build)" if self.shards_reused else ""
+        return (f"indexed {self.entries} image(s) from {self.shards_built + self.shards_reused} shard(s){reused}; "
+                f"skipped: {skips}")
 
 
 def build_index(model: Any, shards: Sequence[str | Path], out: str | Path, *, kind: str = "flat",

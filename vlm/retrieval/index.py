@@ -71,37 +71,47 @@ class Hit:
 
 
 class Index:
-    """Vectors [N, D] (unit rows) and their entries, searchable by cosine similarity.
+    """Vectors [N, D] (unit rows) and their entries, searchable by cosine similarity. The vectors are
+    held once, inside the faiss index.
 
     Args:
-        vectors: [N, D] float tensor, row i the embedding of `entries[i]`.
+        vectors: [N, D] float tensor, row i the embedding of `entries[i]`; None with `searcher`.
         entries: N entries with distinct keys.
         kind: a key of `KINDS`.
         meta: what made the index (`fingerprint` of the tower, `source`, shards, skips), kept in index.json.
-        searcher: a faiss index over `vectors` already built (read from disk); None builds one.
+        searcher: a faiss index of this kind over the N vectors, already built (read from disk).
     """
 
-    def __init__(self, vectors: torch.Tensor, entries: Sequence[Entry], *, kind: str = "flat",
+    def __init__(self, vectors: torch.Tensor | None, entries: Sequence[Entry], *, kind: str = "flat",
                  meta: Mapping[str, Any] | None = None, searcher: Any = None) -> None:
         if kind not in KINDS:
             raise UserError(f"unknown index kind {kind!r}; known: {', '.join(KINDS)}")
-        if vectors.ndim != 2 or vectors.shape[0] != len(entries) or not len(entries):
-            raise ValueError(f"need vectors [N, D] for N >= 1 entries, got {list(vectors.shape)} for {len(entries)}")
-        self.vectors = vectors.detach().float().cpu().contiguous()
+        if searcher is None:
+            if vectors is None or vectors.ndim != 2 or vectors.shape[0] != len(entries) or not len(entries):
+                shape = None if vectors is None else list(vectors.shape)
+                raise ValueError(f"need vectors [N, D] for N >= 1 entries, got {shape} for {len(entries)}")
+            searcher = _build_searcher(vectors.detach().float().cpu().contiguous().numpy(), kind)
+        if searcher.ntotal != len(entries):
+            raise ValueError(f"the faiss index holds {searcher.ntotal} vectors for {len(entries)} entries")
+        self.searcher = searcher
         self.entries = list(entries)
         self.kind = kind
         self.meta = dict(meta or {})
         self.rows = {entry.key: row for row, entry in enumerate(self.entries)}
         if len(self.rows) != len(self.entries):
             raise ValueError("entry keys must be distinct")
-        self.searcher = searcher if searcher is not None else _build_searcher(self.vectors.numpy(), kind)
 
     def __len__(self) -> int:
         return len(self.entries)
 
     @property
     def dim(self) -> int:
-        return self.vectors.shape[1]
+        return self.searcher.d
+
+    @property
+    def vectors(self) -> torch.Tensor:
+        """[N, D] float32: the stored vectors (a copy, read out of the faiss index)."""
+        return torch.from_numpy(self.searcher.reconstruct_n(0, len(self)))
 
     @property
     def fingerprint(self) -> dict[str, Any] | None:
@@ -172,13 +182,13 @@ class Index:
         if meta.get("format") != FORMAT:
             raise UserError(f"{path / META_FILE} has format {meta.get('format')!r}; this vlm reads format {FORMAT}: "
                             "build the index again")
-        vectors = load_file(path / VECTORS_FILE)["vectors"]
         with open(path / ENTRIES_FILE, encoding="utf-8") as lines:
             entries = [_entry(json.loads(line)) for line in lines]
-        searcher = None
-        if meta["kind"] != "flat":
+        if meta["kind"] == "flat":
+            index = cls(load_file(path / VECTORS_FILE)["vectors"], entries, kind="flat", meta=meta)
+        else:  # the graph holds the vectors too
             searcher = faiss.deserialize_index(np.fromfile(path / FAISS_FILE, dtype=np.uint8))
-        index = cls(vectors, entries, kind=meta["kind"], meta=meta, searcher=searcher)
+            index = cls(None, entries, kind=meta["kind"], meta=meta, searcher=searcher)
         if model is not None:
             index.check(model, where=str(path))
         return index

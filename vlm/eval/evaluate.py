@@ -160,21 +160,19 @@ def score_baselines(captioner: Captioner, examples: Sequence[CaptionExample], tr
     train_captions: list[str] = []  # the first reference of each training image: what retrieval returns
     all_captions: list[str] = []  # every reference: what the most frequent caption is counted over
 
-    def train_images() -> Iterator[Image.Image]:
+    def train_examples() -> Iterator[CaptionExample]:  # streamed: only the keys and captions are kept
         for example in caption_examples(train_shards, limit=limit, skipped=skipped, errors=errors):
             train_keys.append(example.key)
             train_captions.append(example.references[0])
             all_captions.extend(example.references)
-            yield example.image
+            yield example
 
     start = time.perf_counter()
     if features is not None:
-        train_features = _cached_embeddings(features, caption_examples(train_shards, limit=limit, skipped=skipped,
-                                                                       errors=errors), train_keys, train_captions,
-                                            all_captions)
+        train_features = _cached_embeddings(features, train_examples())
     else:
-        train_features = embed_images(captioner.model, train_images(), batch_size=batch_size, total=limit,
-                                      progress=progress, desc="embedding train images")
+        train_features = embed_images(captioner.model, (e.image for e in train_examples()), batch_size=batch_size,
+                                      total=limit, progress=progress, desc="embedding train images")
     if not train_keys:
         first = "".join(f"; first {reason}: {message}" for reason, message in errors.items())
         raise UserError(f"no caption samples in the training shards {[str(s) for s in train_shards][:3]} "
@@ -201,8 +199,8 @@ def score_baselines(captioner: Captioner, examples: Sequence[CaptionExample], tr
     return section, per_example
 
 
-def _cached_embeddings(features: FeatureStore, examples: Iterator[CaptionExample], keys: list[str],
-                       captions: list[str], all_captions: list[str]) -> torch.Tensor:
+def _cached_embeddings(features: FeatureStore, examples: Iterator[CaptionExample]) -> torch.Tensor:
+    """Pooled embeddings of the examples' images from a feature cache of the model's tower."""
     rows = []
     for example in examples:
         try:
@@ -210,9 +208,6 @@ def _cached_embeddings(features: FeatureStore, examples: Iterator[CaptionExample
         except SampleError:
             raise UserError(f"--features {features.root} has no features for training sample {example.key!r}: "
                             "build the cache over the --train shards") from None
-        keys.append(example.key)
-        captions.append(example.references[0])
-        all_captions.extend(example.references)
         rows.append(pool_tokens(tokens[None]))
     return torch.cat(rows) if rows else torch.zeros(0, int(features.fingerprint["dim"]))
 

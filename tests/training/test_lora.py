@@ -174,6 +174,67 @@ def test_checkpoint_holds_the_trained_tensors_and_refuses_another_base(tmp_path)
         module.on_load_checkpoint({"state_dict": plain.state_dict()})
 
 
+def test_a_lora_checkpoint_exports_and_starts_another_run_merged(tmp_path):
+    """In one process: a checkpoint (flamingo, DoRA, adapters on text, vision and fusion) rebuilt by
+    `vlm export`'s reader, saved merged and unmerged, loaded (logits 1e-5), and used as
+    model.init_checkpoint of a full fine-tuning run, which starts from the merged weights."""
+    from vlm.adapters import merge_lora
+    from vlm.training.export import model_from_checkpoint
+
+    config = tiny_model("flamingo").config
+    lora = {"rank": 2, "use_dora": True, "parts": ["text", "vision", "fusion"], "targets": TARGETS["flamingo"]}
+    module = VLMModule(config, stage="instruct", lora=lora)
+    module.configure_model()
+    open_gates(module.model, 0.5)  # trained fully by the stage: in the checkpoint
+    with torch.no_grad():
+        for p in lora_parameters(module.model):
+            p.add_(0.05 * torch.randn_like(p))
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "lora.ckpt")
+
+    adapted, _ = model_from_checkpoint(tmp_path / "lora.ckpt")
+    assert set(lora_modules(adapted)) == set(lora_modules(module.model))
+    batch = batch_from(adapted, [[1, IMAGE_ID, 7, 8, 9, 10, 11]], [[torch.randn(3, 16, 16)]])
+    with torch.no_grad():
+        expected = module.model.eval()(batch).logits
+        torch.testing.assert_close(adapted(batch).logits, expected, atol=1e-6, rtol=0)
+        for merge in (True, False):
+            vlm.save_model(adapted, tmp_path / f"merge{merge}", merge_lora=merge)
+            loaded = vlm.load_model(tmp_path / f"merge{merge}")
+            assert len(lora_modules(loaded)) == (0 if merge else len(lora_modules(adapted)))
+            torch.testing.assert_close(loaded(batch).logits, expected, atol=1e-5, rtol=0)
+    assert (tmp_path / "mergeFalse" / "adapter" / "adapter_config.json").is_file()
+    assert {k.split(".")[0] for k in load_file(tmp_path / "mergeFalse" / "adapters.safetensors")} == {"vision", "fusion"}
+
+    merged = merge_lora(adapted).state_dict()
+    for start in (tmp_path / "lora.ckpt", tmp_path / "mergeFalse"):  # a LoRA checkpoint, an unmerged export
+        full = VLMModule(config, stage="full", init_checkpoint=str(start))
+        full.configure_model()
+        for name, value in full.model.state_dict().items():
+            torch.testing.assert_close(value, merged[name], atol=1e-6, rtol=0, msg=name)
+
+
+def test_dpo_with_lora_starts_at_its_reference():
+    """The DPO reference is the starting model copied before the adapters (no adapter in it): a
+    fresh adapter computes it exactly, so the first DPO loss is log 2."""
+    from vlm.data.collate import Collator
+    from vlm.data.formats import EncodedPreference
+    from vlm.training.preference import preference_step
+
+    module = VLMModule(tiny_model("llava").config, stage="align", objective="dpo",
+                       lora={"rank": 2, "targets": ["text.*.attention.wq", "text.*.attention.wv"]})
+    module.configure_model()
+    assert lora_modules(module.model) and not lora_modules(module.reference.model)
+    prompt = [1, IMAGE_ID, 20, 21]
+    pair = EncodedPreference("p0", prompt + [30, 31], [-100] * 4 + [30, 31], prompt + [40], [-100] * 4 + [40],
+                             [torch.randn(3, 16, 16)])
+    batch = Collator(pad_id=0, image_id=IMAGE_ID, image_token_count=module.model.tokens_per_image)([pair])
+    with torch.no_grad():
+        loss = preference_step(module.model.eval(), module.reference, batch, module.preference, share_features=False).loss
+    assert float(loss) == pytest.approx(0.6931471805599453, abs=1e-6)
+
+
 def qlora_recipe(folder: Path, shapes_dir: Path, **extra) -> list[str]:
     """`vlm fit` of shapes + llava + configs/peft/qlora.yaml, tiny: adapters on text wq/wv and on the
     projector's first linear (stage align trains its second one fully); a checkpoint every 3 steps."""

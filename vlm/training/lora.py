@@ -98,6 +98,10 @@ class LoRARun:
                             "the adapted linears' bases are NF4, not fp8; drop one of them")
         if trainer is not None and mesh is None:
             model = trainer.precision_plugin.convert_module(model)  # Lightning's own conversion is then a no-op
+        if mesh is not None and (mesh["data_parallel"].size() == 1 or mesh["tensor_parallel"].size() > 1):
+            raise UserError("model.lora.quantize_base nf4 under configs/strategy/fsdp2.yaml needs 2 or more data-parallel "
+                            "ranks and no tensor parallelism (torchao's NF4 cannot be gathered from one rank nor split "
+                            "Megatron-style): on one device, train without the FSDP2 strategy")
         self.quantize(model, data_parallel=mesh["data_parallel"].size() if mesh is not None else 1)
         return model
 

@@ -10,13 +10,14 @@ from typing import Any
 import lightning as L
 import torch
 
+from vlm.adapters import merge_lora
 from vlm.errors import UserError
 from vlm.eval.metrics import caption_metrics
 from vlm.model import VisionLanguageModel, VLMConfig, build_model, is_sharded
 from vlm.objectives import PreferenceOutput
 from vlm.stages import set_trainable
 from vlm.training.lora import CHECKPOINT_KEY as LORA_KEY
-from vlm.training.lora import LoRARun, LoRASettings, is_lora_checkpoint, lora_settings
+from vlm.training.lora import LoRARun, LoRASettings, is_lora_checkpoint, lora_settings, model_from_lora_checkpoint
 from vlm.training.optim import OptimConfig, build_optimizer
 from vlm.training.parallel import (apply_activation_checkpointing, apply_fsdp2, apply_tensor_parallel, blocks,
                                    unsharded_root)
@@ -333,11 +334,10 @@ class VLMModule(L.LightningModule):
 
 
 def initial_state(path: str, template: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Model weights from a `vlm fit` checkpoint (a file, or a sharded run's directory) or a
-    directory written by `vlm export`; never unpickled. `template`: the model's own state dict."""
-    from vlm.adapters import merge_lora
+    """Model weights from a `vlm fit` checkpoint (a file, or a sharded run's directory; a LoRA
+    run's with its base rebuilt and its adapters merged) or a directory written by `vlm export`
+    (adapters merged); never unpickled. `template`: the model's own state dict."""
     from vlm.training.checkpointing import is_complete, read_metadata, read_sharded_model_state
-    from vlm.training.lora import model_from_lora_checkpoint
 
     folder = Path(path)
     if not folder.exists():

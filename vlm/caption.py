@@ -2,9 +2,16 @@
 
     vlm caption --model D IMAGE [IMAGE ...] [--prompt TEXT] [--batch-size N] [--max-new-tokens N]
                 [--num-beams N] [--length-penalty F] [--no-repeat-ngram-size N] [--repetition-penalty F]
+                [--retrieve INDEX [-k 4] [--retrieve-mode pairs|captions]]
 
 The prompt is the layout the model was trained on: one user turn holding the image, then the
 optional question, then the assistant header; the answer ends at `<|eot_id|>`. No Lightning here.
+
+With `--retrieve INDEX` (retrieval-augmented captioning, `Captioner.caption_retrieved`) the prompt
+is an interleaved document instead (`vlm.retrieval.fewshot_prompt`): the k index entries most
+similar to the image (by the tower that built the index), most similar last, as image+caption
+demonstrations or as captions alone, then the image; the caption is the continuation's first line.
+Each output line then ends with a third column: the retrieved keys, best first, comma-separated.
 
 Images go through the vision tower's own transform to its square input size; an image more than
 `FAR_FACTOR` times larger or smaller than that on either side gets a one-line warning on stderr
@@ -17,19 +24,34 @@ import argparse
 import math
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
 
 from vlm.data.decode import DEFAULT_MAX_PIXELS, SampleError, decode_image
+from vlm.errors import UserError
 from vlm.export import check_tokenizer, load_model, load_tokenizer
 from vlm.model import VisionLanguageModel
+from vlm.retrieval import Demonstration, Index, embed, fewshot_prompt, first_line
+from vlm.retrieval.index import read_images
 from vlm.text.chat import ChatTemplate
 from vlm.text.tokenizer import Tokenizer
 
+RETRIEVE_MODES = {"pairs": "image+caption demonstrations", "captions": "the retrieved captions alone"}
+
 # An image side more than this many times larger or smaller than the model's input side is "far".
 FAR_FACTOR = 2
+
+
+@dataclass(frozen=True)
+class Captioned:
+    """A retrieval-augmented caption and its sources: the keys of the retrieved entries, best first."""
+
+    text: str
+    sources: tuple[str, ...]
 
 
 class Captioner:
@@ -64,38 +86,71 @@ class Captioner:
         ids, _ = self.template.render([{"role": "user", "content": content}], add_generation_prompt=True)
         return ids
 
-    def caption(
-        self,
-        images: Sequence[Image.Image],
-        *,
-        prompt: str | None = None,
-        max_new_tokens: int = 32,
-        batch_size: int = 8,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        generator: torch.Generator | None = None,
-        num_beams: int = 1,
-        length_penalty: float = 1.0,
-        no_repeat_ngram_size: int = 0,
-        repetition_penalty: float = 1.0,
-    ) -> list[str]:
+    def caption(self, images: Sequence[Image.Image], *, prompt: str | None = None, max_new_tokens: int = 32,
+                batch_size: int = 8, **search: Any) -> list[str]:
         """One text per image, in order; greedy unless `temperature` > 0, beam search when
         `num_beams` > 1 (each image then takes `num_beams` rows of a batch). Surrounding whitespace
-        is stripped. The search options are those of `VisionLanguageModel.generate`."""
+        is stripped. The `search` options are those of `VisionLanguageModel.generate` (temperature,
+        top_k, top_p, generator, num_beams, length_penalty, no_repeat_ngram_size, repetition_penalty)."""
+        ids = self.prompt_ids(prompt)
+        pixels = [[self.transform(image)] for image in images]  # one image per prompt, [3, S, S] each
+        return self._generate(pixels, [ids] * len(images), stop_tokens=self.stop_tokens, max_new_tokens=max_new_tokens,
+                              batch_size=batch_size, **search)
+
+    def caption_fewshot(self, images: Sequence[Image.Image], demonstrations: Sequence[Sequence[Demonstration]], *,
+                        max_new_tokens: int = 32, batch_size: int = 8, **search: Any) -> list[str]:
+        """Caption each image after its own demonstrations, in the interleaved layout
+        (`vlm.retrieval.fewshot_prompt`; no demonstrations: `<|begin_of_text|><|image|>`, the
+        interleaved format's plain caption prompt). Rows of a batch may hold different numbers of
+        images. Each text is the continuation cut at its first line (`first_line`). UserError
+        naming the lengths when a prompt does not fit the model. `search`: as in `caption`."""
+        if len(demonstrations) != len(images):
+            raise ValueError(f"need one list of demonstrations per image, got {len(demonstrations)} for {len(images)}")
+        prompts = [fewshot_prompt(self.tokenizer, demos, image, model=self.model, max_new_tokens=max_new_tokens)
+                   for image, demos in zip(images, demonstrations)]
+        # after a caption's newline an interleaved document goes on with an image or ends
+        stop = (*self.stop_tokens, self.tokenizer.image_id)
+        texts = self._generate([p.images for p in prompts], [p.input_ids for p in prompts], stop_tokens=stop,
+                               max_new_tokens=max_new_tokens, batch_size=batch_size, **search)
+        return [first_line(text) for text in texts]
+
+    def caption_retrieved(self, images: Sequence[Image.Image], index: Index, *, k: int = 4, mode: str = "pairs",
+                          exclude_keys: Sequence[str | None] | None = None, tower: Any = None,
+                          max_new_tokens: int = 32, batch_size: int = 8, **search: Any) -> list[Captioned]:
+        """Retrieval-augmented captions: the `k` entries of `index` most similar to each image enter
+        its prompt, most similar last, as image+caption demonstrations (`mode` "pairs") or as their
+        captions alone ("captions"); then `caption_fewshot`.
+
+        Args:
+            exclude_keys: per image, a key never retrieved for it (its own, when it is in the index).
+            tower: what embeds the images for the search (default: `index.query_tower(self.model)`).
+        Returns one `Captioned` per image: the caption and the retrieved keys, best first."""
+        if mode not in RETRIEVE_MODES:
+            raise UserError(f"retrieve mode {mode!r}: choose one of {', '.join(RETRIEVE_MODES)}")
+        tower = tower if tower is not None else index.query_tower(self.model, device=self.device)
+        hits = index.search(embed(tower, images, batch_size=batch_size), k, exclude_keys=exclude_keys)
+        ordered = [list(reversed(found)) for found in hits]  # most similar last, next to the query
+        pictures = iter(read_images([hit.entry for found in ordered for hit in found]) if mode == "pairs" else [])
+        demonstrations = [[Demonstration(hit.caption, next(pictures, None), hit.key) for hit in found]
+                          for found in ordered]
+        texts = self.caption_fewshot(images, demonstrations, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                     **search)
+        return [Captioned(text, tuple(hit.key for hit in found)) for text, found in zip(texts, hits)]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _generate(self, pixels: list[list[torch.Tensor]], prompts: list[list[int]], *, stop_tokens: Sequence[int],
+                  max_new_tokens: int, batch_size: int, **search: Any) -> list[str]:
+        """Decoded continuations of the prompts, `batch_size` rows per `generate` call."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        ids = self.prompt_ids(prompt)
         texts: list[str] = []
-        for start in range(0, len(images), batch_size):
-            chunk = images[start:start + batch_size]
-            pixels = [[self.transform(image)] for image in chunk]  # one image per prompt, [3, S, S] each
+        for start in range(0, len(prompts), batch_size):
             new_tokens = self.model.generate(
-                pixels, [ids] * len(chunk), max_new_tokens=max_new_tokens, temperature=temperature,
-                top_k=top_k, top_p=top_p, stop_tokens=self.stop_tokens, pad_id=self.tokenizer.pad_id,
-                generator=generator, vocab_size=self.tokenizer.vocab_size, num_beams=num_beams,
-                length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-                repetition_penalty=repetition_penalty)
+                pixels[start:start + batch_size], prompts[start:start + batch_size], max_new_tokens=max_new_tokens,
+                stop_tokens=stop_tokens, pad_id=self.tokenizer.pad_id, vocab_size=self.tokenizer.vocab_size, **search)
             texts += [self.tokenizer.decode(tokens).strip() for tokens in new_tokens]
         return texts
 
@@ -146,7 +201,8 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="vlm caption",
         description="Caption images with a model directory written by `vlm export` / vlm.save_model. "
                     "Prints one line per image, in the order given: PATH<TAB>CAPTION (whitespace runs, "
-                    "newlines and tabs inside a caption are printed as one space). Unreadable images are "
+                    "newlines and tabs inside a caption are printed as one space; with --retrieve, "
+                    "PATH<TAB>CAPTION<TAB>SOURCES: the retrieved keys, best first, comma-separated). Unreadable images are "
                     "reported on stderr by name and skipped; the exit code is then 1, or 2 when no image "
                     "could be read (2 also for a bad model directory or bad arguments). "
                     + _RESIZE_HELP)
@@ -166,6 +222,13 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="never repeat an n-gram of N tokens within a caption (default 0: off)")
     parser.add_argument("--repetition-penalty", type=float, default=1.0,
                         help="> 1 makes tokens already in the caption less likely (default 1.0: off)")
+    parser.add_argument("--retrieve", metavar="INDEX", default=None,
+                        help="retrieval-augmented captioning: the -k entries of INDEX (vlm index build) most similar "
+                             "to each image enter its prompt, most similar last, in the interleaved layout; a third "
+                             "column lists their keys, best first (the sources)")
+    parser.add_argument("-k", type=int, default=None, help="entries retrieved per image with --retrieve (default 4)")
+    parser.add_argument("--retrieve-mode", choices=list(RETRIEVE_MODES), default=None,
+                        help="pairs: the retrieved images with their captions (default); captions: the captions alone")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     return parser
 
@@ -191,6 +254,26 @@ def _read_batch(paths: Sequence[str], transform: object, failed: list[str],
     return read, images
 
 
+def _usage_error(args: argparse.Namespace) -> str | None:
+    """What is wrong with the options, in one line; None when they go together."""
+    if args.batch_size < 1 or args.max_new_tokens < 0 or args.temperature < 0:
+        return "--batch-size must be >= 1, --max-new-tokens and --temperature >= 0"
+    if (args.num_beams < 1 or args.no_repeat_ngram_size < 0 or not args.repetition_penalty > 0
+            or not math.isfinite(args.length_penalty)):
+        return ("--num-beams must be >= 1, --no-repeat-ngram-size >= 0, --repetition-penalty > 0 "
+                "and --length-penalty a finite number")
+    if args.num_beams > 1 and args.temperature > 0:
+        return "beam search is deterministic: --num-beams > 1 needs --temperature 0"
+    if args.retrieve is None and (args.k is not None or args.retrieve_mode is not None):
+        return "-k and --retrieve-mode choose what --retrieve INDEX puts in the prompt; add --retrieve INDEX"
+    if args.retrieve is not None and args.prompt:
+        return ("--retrieve captions in the interleaved layout (demonstrations, then the image), which has no "
+                "question: drop --prompt")
+    if args.k is not None and args.k < 1:
+        return f"-k must be >= 1, got {args.k}"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`vlm caption ...`: 0 when every image was captioned, 1 if some could not be read, 2 if none could or on
     bad usage."""
@@ -198,37 +281,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _build_parser().parse_args(argv)
     except SystemExit as stop:  # argparse exits on --help (0) and on usage errors (2)
         return stop.code if isinstance(stop.code, int) else 2
-    if args.batch_size < 1 or args.max_new_tokens < 0 or args.temperature < 0:
-        print("vlm caption: error: --batch-size must be >= 1, --max-new-tokens and --temperature >= 0",
-              file=sys.stderr)
-        return 2
-    if (args.num_beams < 1 or args.no_repeat_ngram_size < 0 or not args.repetition_penalty > 0
-            or not math.isfinite(args.length_penalty)):
-        print("vlm caption: error: --num-beams must be >= 1, --no-repeat-ngram-size >= 0, --repetition-penalty > 0 "
-              "and --length-penalty a finite number", file=sys.stderr)
-        return 2
-    if args.num_beams > 1 and args.temperature > 0:
-        print("vlm caption: error: beam search is deterministic: --num-beams > 1 needs --temperature 0", file=sys.stderr)
+    problem = _usage_error(args)
+    if problem is not None:
+        print(f"vlm caption: error: {problem}", file=sys.stderr)
         return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         captioner = Captioner.from_directory(args.model, device=device)
-    except (OSError, ValueError) as error:
+        if args.retrieve is not None:
+            index = Index.load(args.retrieve)
+            tower = index.query_tower(captioner.model, device=device)
+    except (OSError, ValueError, UserError) as error:
         print(f"vlm caption: error: {error}", file=sys.stderr)
         return 2
-    generator = torch.Generator(device=device).manual_seed(args.seed)
+    search = dict(temperature=args.temperature, generator=torch.Generator(device=device).manual_seed(args.seed),
+                  num_beams=args.num_beams, length_penalty=args.length_penalty,
+                  no_repeat_ngram_size=args.no_repeat_ngram_size, repetition_penalty=args.repetition_penalty)
     failed: list[str] = []
     far: list[str] = []  # images far from the model's input size: the first is described in full
     for start in range(0, len(args.images), args.batch_size):
         # decoded per batch: memory stays bounded
         paths, images = _read_batch(args.images[start:start + args.batch_size], captioner.transform, failed, far)
-        texts = captioner.caption(images, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
-                                  batch_size=args.batch_size, temperature=args.temperature, generator=generator,
-                                  num_beams=args.num_beams, length_penalty=args.length_penalty,
-                                  no_repeat_ngram_size=args.no_repeat_ngram_size,
-                                  repetition_penalty=args.repetition_penalty)
-        for path, text in zip(paths, texts):
-            print(f"{path}\t{' '.join(text.split())}", flush=True)
+        options = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, **search)
+        if args.retrieve is None:
+            lines = [" ".join(text.split()) for text in captioner.caption(images, prompt=args.prompt, **options)]
+        else:
+            found = captioner.caption_retrieved(images, index, k=min(args.k or 4, len(index)), tower=tower,
+                                                mode=args.retrieve_mode or "pairs", **options)
+            lines = [f"{' '.join(c.text.split())}\t{','.join(c.sources)}" for c in found]
+        for path, line in zip(paths, lines):
+            print(f"{path}\t{line}", flush=True)
     if len(far) > 1:
         names = ", ".join(far[1:6]) + (", ..." if len(far) > 6 else "")
         print(f"vlm caption: warning: {len(far) - 1} more image(s) far from the model's input size, resized the "

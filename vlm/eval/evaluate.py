@@ -10,6 +10,13 @@ On the synthetic shapes data (samples whose json holds their `scene`), the repor
 hallucination rate: the share of captions that contradict their image in some attribute (see
 vlm.eval.hallucination), with the attribute of each wrong caption in its sample entry.
 
+With `--shots 0 4 8 --demos TRAIN_SHARDS [--select random rices --index INDEX] [--seeds 3]` the
+model is evaluated few-shot instead, by the OpenFlamingo protocol (vlm.eval.fewshot): report.json
+holds mean and std over seeds per selection method and shot count, and shots.png plots exact match
+and CIDEr-D against shots. With `--retrieve INDEX [-k 4] [--retrieve-mode pairs|captions]` every
+image is captioned after the k most similar index entries (never itself), and each sample of the
+report lists them as its "sources".
+
 Samples that cannot be used are skipped and counted by reason; the first error of each reason (e.g.
 an image over the pixel limit every vlm command applies, `DEFAULT_MAX_PIXELS`) is printed on stderr,
 naming the shard, sample and member."""
@@ -23,101 +30,60 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from vlm.caption import Captioner
-from vlm.data.decode import IMAGE_EXTENSIONS, SampleError, decode_sample, iter_shard_samples
+from vlm.data.decode import SampleError
+from vlm.data.examples import CaptionExample, caption_examples, read_caption_examples  # noqa: F401 (imported from here)
 from vlm.data.features import FeatureStore
-from vlm.data.formats import sample_kind
 from vlm.data.pipeline import expand_shards
 from vlm.errors import UserError
 from vlm.eval.baselines import embed_images, most_frequent_caption, nearest_neighbours, pool_tokens
+from vlm.eval.fewshot import (RetrieveOptions, add_arguments, fewshot_evaluate, fewshot_plan, print_fewshot_summary,
+                              retrieve_options, write_fewshot_report)
 from vlm.eval.grid import caption_grid
 from vlm.eval.hallucination import caption_errors, hallucination_metrics
 from vlm.eval.metrics import caption_metrics, normalise_caption
 from vlm.features import fingerprint
-
-
-@dataclass
-class CaptionExample:
-    key: str
-    image: Image.Image
-    references: list[str]
-    member: str = "jpg"  # the image's member name in its shard (e.g. "png")
-    scene: dict | None = None  # the synthetic shapes data's truth (json "scene"): hallucination is scored
-
-
-def caption_examples(shards: Sequence[str | Path], *, limit: int | None = None, skipped: Counter | None = None,
-                     errors: dict[str, str] | None = None) -> Iterator[CaptionExample]:
-    """Caption samples of the shards, in order; other kinds and bad samples are counted in `skipped`,
-    and `errors` keeps the first bad sample's message per reason."""
-    skipped = skipped if skipped is not None else Counter()
-    errors = errors if errors is not None else {}
-    count = 0
-    for shard in shards:
-        with open(shard, "rb") as stream:
-            for raw in iter_shard_samples(stream, str(shard), max_member_bytes=64 * 2**20):
-                example = _example(raw, skipped, errors)
-                if example is None:
-                    continue
-                yield example
-                count += 1
-                if limit is not None and count >= limit:
-                    return
-
-
-def _example(raw: dict, skipped: Counter, errors: dict[str, str]) -> CaptionExample | None:
-    try:
-        if "__error__" in raw:
-            raise raw["__error__"]
-        sample = decode_sample(raw)  # images over DEFAULT_MAX_PIXELS are refused from their header
-    except SampleError as error:
-        skipped[error.reason] += 1
-        errors.setdefault(error.reason, str(error))
-        return None
-    if sample_kind(sample) != "caption":
-        skipped[f"not a caption sample ({sample_kind(sample)})"] += 1
-        return None
-    members = [k for k in sample if k in IMAGE_EXTENSIONS]
-    meta = sample.get("json") or {}
-    references = meta.get("captions") or ([meta["caption"]] if "caption" in meta else []) or ([sample["txt"]] if "txt" in sample else [])
-    if len(members) != 1 or not references:
-        skipped["missing image or caption"] += 1
-        return None
-    scene = meta.get("scene") if isinstance(meta.get("scene"), dict) else None
-    return CaptionExample(sample["__key__"], sample[members[0]], [r.strip() for r in references], members[0], scene)
+from vlm.retrieval import Index
 
 
 def evaluate(captioner: Captioner, shards: Sequence[str | Path], *, limit: int | None = None, batch_size: int = 32,
              max_new_tokens: int = 32, progress: bool = True, search: Mapping[str, Any] | None = None,
              train_shards: Sequence[str | Path] | None = None, train_limit: int | None = None,
-             train_features: FeatureStore | None = None) -> dict:
+             train_features: FeatureStore | None = None, retrieve: RetrieveOptions | None = None) -> dict:
     """Caption every example and score; returns the report (metrics, counts, per-sample results).
 
     `search`: keyword arguments of `Captioner.caption` for the decoding (num_beams, length_penalty,
     no_repeat_ngram_size, repetition_penalty), recorded in the report's settings. With
     `train_shards`, the report also has a "baselines" section (see `score_baselines`; `train_features`:
-    the training images' tower outputs from a feature cache instead of running the tower)."""
+    the training images' tower outputs from a feature cache instead of running the tower). With
+    `retrieve`, each image is captioned after the entries of that index most similar to it
+    (`Captioner.caption_retrieved`, never its own key); samples then list their "sources"."""
     search = dict(search or {})
-    skipped: Counter = Counter()
-    errors: dict[str, str] = {}
-    examples = list(caption_examples(shards, limit=limit, skipped=skipped, errors=errors))
-    if not examples:
-        first = "".join(f"; first {reason}: {message}" for reason, message in errors.items())
-        raise ValueError(f"no caption samples in {[str(s) for s in shards]} (skipped: {dict(skipped)}{first})")
+    examples, skipped, errors = read_caption_examples(shards, limit=limit)
     start = time.perf_counter()
+    if retrieve is not None:
+        index = Index.load(retrieve.index)
+        tower = index.query_tower(captioner.model, device=captioner.device)
     predictions: list[str] = []
+    sources: list[list[str]] = []
     bar = tqdm(total=len(examples), unit="image", desc="captioning", disable=not progress)
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
-        predictions += captioner.caption([e.image for e in chunk], max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                         **search)
+        images = [e.image for e in chunk]
+        if retrieve is None:
+            predictions += captioner.caption(images, max_new_tokens=max_new_tokens, batch_size=batch_size, **search)
+        else:
+            found = captioner.caption_retrieved(images, index, k=retrieve.k, mode=retrieve.mode, tower=tower,
+                                                exclude_keys=[e.key for e in chunk], max_new_tokens=max_new_tokens,
+                                                batch_size=batch_size, **search)
+            predictions += [c.text for c in found]
+            sources += [list(c.sources) for c in found]
         bar.update(len(chunk))
     bar.close()
     seconds = time.perf_counter() - start
@@ -131,6 +97,10 @@ def evaluate(captioner: Captioner, shards: Sequence[str | Path], *, limit: int |
         for sample, example in zip(samples, examples):
             sample["errors"] = caption_errors(sample["prediction"], example.scene)
     settings = {"limit": limit, "batch_size": batch_size, "max_new_tokens": max_new_tokens, **search}
+    if retrieve is not None:
+        settings["retrieve"] = {"index": str(retrieve.index), "k": retrieve.k, "mode": retrieve.mode}
+        for sample, keys in zip(samples, sources):
+            sample["sources"] = keys
     if train_shards is not None:
         settings["train_limit"] = train_limit
         report["baselines"], retrieved = score_baselines(captioner, examples, train_shards, limit=train_limit,
@@ -251,6 +221,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--features", default=None, metavar="DIR",
                         help="a feature cache of the model's tower over the --train shards (vlm features build): "
                              "retrieval reads the training images' embeddings from it instead of running the tower")
+    add_arguments(parser)  # --shots ... and --retrieve ... (vlm.eval.fewshot)
     return parser
 
 
@@ -306,6 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
         search, train_shards = _search(args), _train_shards(args)
+        plan, retrieve = fewshot_plan(args), retrieve_options(args)
         shards = expand_shards(args.data)
         missing = [s for s in shards if not Path(s).is_file()]
         if not shards or missing:
@@ -313,23 +285,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.features and not args.baselines:
             raise UserError("--features is only used by the retrieval baseline; add --baselines --train TRAIN_SHARDS")
         captioner = Captioner.from_directory(args.model)
-        store = None
-        if args.features:
-            dtype = next(captioner.model.vision.parameters()).dtype
-            precision = {torch.bfloat16: "bf16-true", torch.float16: "16-true"}.get(dtype, "32-true")
-            store = FeatureStore(args.features, expected=fingerprint(captioner.model, precision))
-        report = evaluate(captioner, shards, limit=args.limit, batch_size=args.batch_size,
-                          max_new_tokens=args.max_new_tokens, search=search, train_shards=train_shards,
-                          train_limit=args.train_limit, train_features=store)
+        if plan is not None:
+            report = fewshot_evaluate(captioner, shards, plan, limit=args.limit, batch_size=args.batch_size,
+                                      max_new_tokens=args.max_new_tokens, search=search)
+        else:
+            report = evaluate(captioner, shards, limit=args.limit, batch_size=args.batch_size,
+                              max_new_tokens=args.max_new_tokens, search=search, train_shards=train_shards,
+                              train_limit=args.train_limit, train_features=_feature_store(args, captioner),
+                              retrieve=retrieve)
     except (FileNotFoundError, ValueError, UserError) as err:
         print(f"vlm evaluate: {err}", file=sys.stderr)
         return 2
+    out = args.out or Path(args.model) / "eval"
+    if plan is not None:
+        return _finish_fewshot(report, out)
     _print_skips("", report["skipped"], report["first_errors"])
     if "baselines" in report:
         _print_skips("training shards: ", report["baselines"]["train_skipped"], report["baselines"]["train_first_errors"])
-    json_path, png_path = write_report(report, args.out or Path(args.model) / "eval")
+    json_path, png_path = write_report(report, out)
     _print_summary(report)
     print(f"report: {json_path}\ngrid:   {png_path}")
+    return 0
+
+
+def _feature_store(args: argparse.Namespace, captioner: Captioner) -> FeatureStore | None:
+    """The --features cache, checked against the model's tower; None without --features."""
+    if not args.features:
+        return None
+    dtype = next(captioner.model.vision.parameters()).dtype
+    precision = {torch.bfloat16: "bf16-true", torch.float16: "16-true"}.get(dtype, "32-true")
+    return FeatureStore(args.features, expected=fingerprint(captioner.model, precision))
+
+
+def _finish_fewshot(report: dict, out: str | Path) -> int:
+    _print_skips("", report["skipped"], report["first_errors"])
+    json_path, png_path = write_fewshot_report(report, out)
+    print_fewshot_summary(report)
+    print(f"report: {json_path}\nplot:   {png_path}")
     return 0
 
 

@@ -29,6 +29,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from vlm.data.examples import caption_examples
 from vlm.data.features import shard_id
 from vlm.errors import UserError
 from vlm.export import _apply_umask, _move_into_place  # as a model directory is put in place
@@ -131,8 +132,6 @@ def _prepare_partial(partial: Path, expected: dict[str, Any]) -> None:
 
 
 def _embed_shard(model: Any, shard: str, partial: Path, *, batch_size: int, bar: tqdm) -> None:
-    from vlm.eval.evaluate import caption_examples  # here: vlm.eval.evaluate will import vlm.retrieval
-
     skipped: Counter = Counter()
     errors: dict[str, str] = {}
     entries: list[Entry] = []

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from vlm.data.decode import decode_sample, iter_shard_samples
 from vlm.errors import UserError
-from vlm.retrieval.embed import check_tower
+from vlm.retrieval.embed import check_tower, load_tower
 
 FORMAT = 1
 META_FILE, VECTORS_FILE, ENTRIES_FILE, FAISS_FILE = "index.json", "vectors.safetensors", "entries.jsonl", "faiss.index"
@@ -153,23 +153,30 @@ class Index:
 
     def images(self, rows: Sequence[int]) -> list[Image.Image]:
         """The stored images of `rows`, read back from their shards (each shard read once)."""
-        wanted: dict[str, dict[str, int]] = {}
-        for row in rows:
-            entry = self.entries[row]
-            wanted.setdefault(entry.shard, {})[entry.key] = row
-        found: dict[int, Image.Image] = {}
-        for shard, by_key in wanted.items():
-            with open(shard, "rb") as stream:
-                for raw in iter_shard_samples(stream, shard, max_member_bytes=64 * 2**20):
-                    row = by_key.get(raw.get("__key__"))
-                    if row is not None and "__error__" not in raw:
-                        member = self.entries[row].member
-                        found[row] = decode_sample({"__key__": raw["__key__"], member: raw[member]})[member]
-        missing = [self.entries[row].key for row in rows if row not in found]
-        if missing:
-            raise UserError(f"samples {missing[:3]} are no longer readable in their shards (moved or rewritten "
-                            "since the index was built)")
-        return [found[row] for row in rows]
+        return read_images([self.entries[row] for row in rows])
+
+    def query_tower(self, model: Any = None, *, device: str | torch.device | None = None) -> Any:
+        """What embeds queries for this index: `model` (a VisionLanguageModel or `Tower`) when its
+        tower built the index, else the tower the index records (an encoder with its weights, or
+        the model directory that built it), loaded on `device`."""
+        if model is not None and self.fingerprint is not None:
+            try:
+                check_tower(self.fingerprint, model, where="the index")
+                return model
+            except UserError:
+                pass
+        source = self.meta.get("source") or {}
+        if "encoder" in source:
+            tower = load_tower(source["encoder"], device=device)
+        elif "model" in source and Path(source["model"]).is_dir():
+            from vlm.export import load_model  # here: loading a model directory is rare
+
+            tower = load_model(source["model"], device=device)
+        else:
+            raise UserError(f"the index was built by another vision tower than the model's, and the tower it "
+                            f"records ({source or 'none'}) cannot be loaded; build the index with this model")
+        self.check(tower)
+        return tower
 
     @classmethod
     def load(cls, path: str | Path, *, model: Any = None) -> Index:
@@ -206,6 +213,27 @@ class Index:
             faiss.serialize_index(self.searcher).tofile(path / FAISS_FILE)
         meta = {**self.meta, "format": FORMAT, "kind": self.kind, "size": len(self), "dim": self.dim}
         (path / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def read_images(entries: Sequence[Entry]) -> list[Image.Image]:
+    """The images of `entries`, in order, read back from their shards (each shard read once)."""
+    wanted: dict[str, dict[str, list[int]]] = {}
+    for position, entry in enumerate(entries):
+        wanted.setdefault(entry.shard, {}).setdefault(entry.key, []).append(position)
+    found: dict[int, Image.Image] = {}
+    for shard, by_key in wanted.items():
+        with open(shard, "rb") as stream:
+            for raw in iter_shard_samples(stream, shard, max_member_bytes=64 * 2**20):
+                positions = by_key.get(raw.get("__key__"))
+                if positions is not None and "__error__" not in raw:
+                    member = entries[positions[0]].member
+                    image = decode_sample({"__key__": raw["__key__"], member: raw[member]})[member]
+                    found.update(dict.fromkeys(positions, image))
+    missing = [entry.key for position, entry in enumerate(entries) if position not in found]
+    if missing:
+        raise UserError(f"samples {missing[:3]} are no longer readable in their shards (moved or rewritten "
+                        "since the index was built)")
+    return [found[position] for position in range(len(entries))]
 
 
 def _entry(fields: dict[str, Any]) -> Entry:

@@ -35,8 +35,7 @@ from vlm.data.decode import DEFAULT_MAX_PIXELS, SampleError, decode_image
 from vlm.errors import UserError
 from vlm.export import check_tokenizer, load_model, load_tokenizer
 from vlm.model import VisionLanguageModel
-from vlm.retrieval import Demonstration, Index, embed, fewshot_prompt, first_line
-from vlm.retrieval.index import read_images
+from vlm.retrieval import Demonstration, Index, embed, fewshot_prompt, first_line, retrieved_demonstrations_per_query
 from vlm.text.chat import ChatTemplate
 from vlm.text.tokenizer import Tokenizer
 
@@ -129,10 +128,7 @@ class Captioner:
             raise UserError(f"retrieve mode {mode!r}: choose one of {', '.join(RETRIEVE_MODES)}")
         tower = tower if tower is not None else index.query_tower(self.model, device=self.device)
         hits = index.search(embed(tower, images, batch_size=batch_size), k, exclude_keys=exclude_keys)
-        ordered = [list(reversed(found)) for found in hits]  # most similar last, next to the query
-        pictures = iter(read_images([hit.entry for found in ordered for hit in found]) if mode == "pairs" else [])
-        demonstrations = [[Demonstration(hit.caption, next(pictures, None), hit.key) for hit in found]
-                          for found in ordered]
+        demonstrations = retrieved_demonstrations_per_query(index, hits, images=mode == "pairs")  # best last
         texts = self.caption_fewshot(images, demonstrations, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                      **search)
         return [Captioned(text, tuple(hit.key for hit in found)) for text, found in zip(texts, hits)]

@@ -47,8 +47,7 @@ from vlm.errors import UserError
 from vlm.eval.hallucination import hallucination_metrics
 from vlm.eval.metrics import caption_metrics
 from vlm.eval.plot import Series, line_chart
-from vlm.retrieval import Demonstration, Entry, Index, check_fits, embed, fewshot_prompt
-from vlm.retrieval.index import read_images
+from vlm.retrieval import Demonstration, Entry, Index, check_fits, embed, fewshot_prompt, read_images
 
 SELECTIONS = {"random": "uniform without replacement, seeded per (seed index, query key)",
               "rices": "the most similar training images by the index's vision tower, most similar last"}

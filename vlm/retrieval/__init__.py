@@ -13,12 +13,12 @@ an index over caption shards), `prompts` (few-shot prompts), `cli` (`vlm index`)
 
 from vlm.retrieval.build import BuildReport, build_index
 from vlm.retrieval.embed import Tower, check_tower, embed, load_tower, tower_fingerprint
-from vlm.retrieval.index import KINDS, Entry, Hit, Index
+from vlm.retrieval.index import KINDS, Entry, Hit, Index, read_images
 from vlm.retrieval.prompts import (Demonstration, check_fits, fewshot_prompt, first_line, prompt_length,
-                                   retrieved_demonstrations)
+                                   retrieved_demonstrations, retrieved_demonstrations_per_query)
 
 __all__ = [
     "KINDS", "BuildReport", "Demonstration", "Entry", "Hit", "Index", "Tower", "build_index", "check_fits",
-    "check_tower", "embed", "fewshot_prompt", "first_line", "load_tower", "prompt_length",
-    "retrieved_demonstrations", "tower_fingerprint",
+    "check_tower", "embed", "fewshot_prompt", "first_line", "load_tower", "prompt_length", "read_images",
+    "retrieved_demonstrations", "retrieved_demonstrations_per_query", "tower_fingerprint",
 ]

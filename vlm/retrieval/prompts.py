@@ -113,9 +113,17 @@ def check_fits(sample: EncodedSample, model: Any, *, max_new_tokens: int = 0, de
 def retrieved_demonstrations(index: Index, hits: Sequence[Hit], *, images: bool = True) -> list[Demonstration]:
     """Demonstrations from search hits (best first), placed most similar last, next to the query
     (RICES's order); `images=False` gives the captions alone."""
-    ordered = list(reversed(hits))
-    pictures = index.images([hit.row for hit in ordered]) if images else [None] * len(ordered)
-    return [Demonstration(hit.caption, picture, hit.key) for hit, picture in zip(ordered, pictures)]
+    return retrieved_demonstrations_per_query(index, [hits], images=images)[0]
+
+
+def retrieved_demonstrations_per_query(index: Index, hits: Sequence[Sequence[Hit]], *,
+                                       images: bool = True) -> list[list[Demonstration]]:
+    """`retrieved_demonstrations` of several queries' hits, their images read in one pass over the
+    shards."""
+    ordered = [list(reversed(found)) for found in hits]
+    rows = [hit.row for found in ordered for hit in found]
+    pictures = iter(index.images(rows) if images else [None] * len(rows))
+    return [[Demonstration(hit.caption, next(pictures), hit.key) for hit in found] for found in ordered]
 
 
 def first_line(text: str) -> str:

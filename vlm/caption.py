@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,8 +92,11 @@ class Captioner:
         is stripped. The `search` options are those of `VisionLanguageModel.generate` (temperature,
         top_k, top_p, generator, num_beams, length_penalty, no_repeat_ngram_size, repetition_penalty)."""
         ids = self.prompt_ids(prompt)
-        pixels = [[self.transform(image)] for image in images]  # one image per prompt, [3, S, S] each
-        return self._generate(pixels, [ids] * len(images), stop_tokens=self.stop_tokens, max_new_tokens=max_new_tokens,
+
+        def prompt_of(image: Image.Image) -> tuple[list[torch.Tensor], list[int]]:
+            return [self.transform(image)], ids  # one image per prompt, [3, S, S]
+
+        return self._generate(images, prompt_of, stop_tokens=self.stop_tokens, max_new_tokens=max_new_tokens,
                               batch_size=batch_size, **search)
 
     def caption_fewshot(self, images: Sequence[Image.Image], demonstrations: Sequence[Sequence[Demonstration]], *,
@@ -105,11 +108,14 @@ class Captioner:
         naming the lengths when a prompt does not fit the model. `search`: as in `caption`."""
         if len(demonstrations) != len(images):
             raise ValueError(f"need one list of demonstrations per image, got {len(demonstrations)} for {len(images)}")
-        prompts = [fewshot_prompt(self.tokenizer, demos, image, model=self.model, max_new_tokens=max_new_tokens)
-                   for image, demos in zip(images, demonstrations)]
+
+        def prompt_of(row: tuple[Image.Image, Sequence[Demonstration]]) -> tuple[list[torch.Tensor], list[int]]:
+            prompt = fewshot_prompt(self.tokenizer, row[1], row[0], model=self.model, max_new_tokens=max_new_tokens)
+            return prompt.images, prompt.input_ids
+
         # after a caption's newline an interleaved document goes on with an image or ends
         stop = (*self.stop_tokens, self.tokenizer.image_id)
-        texts = self._generate([p.images for p in prompts], [p.input_ids for p in prompts], stop_tokens=stop,
+        texts = self._generate(list(zip(images, demonstrations)), prompt_of, stop_tokens=stop,
                                max_new_tokens=max_new_tokens, batch_size=batch_size, **search)
         return [first_line(text) for text in texts]
 
@@ -137,16 +143,18 @@ class Captioner:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _generate(self, pixels: list[list[torch.Tensor]], prompts: list[list[int]], *, stop_tokens: Sequence[int],
-                  max_new_tokens: int, batch_size: int, **search: Any) -> list[str]:
-        """Decoded continuations of the prompts, `batch_size` rows per `generate` call."""
+    def _generate(self, rows: Sequence[Any], prompt_of: Callable[[Any], tuple[list[torch.Tensor], list[int]]], *,
+                  stop_tokens: Sequence[int], max_new_tokens: int, batch_size: int, **search: Any) -> list[str]:
+        """Decoded continuations of each row's prompt (its images and token ids, made per batch so
+        that only one batch of transformed images is held), `batch_size` rows per `generate` call."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         texts: list[str] = []
-        for start in range(0, len(prompts), batch_size):
-            new_tokens = self.model.generate(
-                pixels[start:start + batch_size], prompts[start:start + batch_size], max_new_tokens=max_new_tokens,
-                stop_tokens=stop_tokens, pad_id=self.tokenizer.pad_id, vocab_size=self.tokenizer.vocab_size, **search)
+        for start in range(0, len(rows), batch_size):
+            pixels, prompts = zip(*map(prompt_of, rows[start:start + batch_size]))
+            new_tokens = self.model.generate(list(pixels), list(prompts), max_new_tokens=max_new_tokens,
+                                             stop_tokens=stop_tokens, pad_id=self.tokenizer.pad_id,
+                                             vocab_size=self.tokenizer.vocab_size, **search)
             texts += [self.tokenizer.decode(tokens).strip() for tokens in new_tokens]
         return texts
 

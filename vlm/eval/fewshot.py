@@ -22,7 +22,8 @@ method and seed, so it is captioned once; RICES is deterministic and runs once; 
 per seed. Per method and shot count the report holds each run's metrics (`caption_metrics`; on
 shapes data also the hallucination rate, `vlm.eval.hallucination`) and their mean and std over
 runs (population std, as OpenFlamingo's np.std); the plot shows exact match and CIDEr-D against
-shots, one line per method, +- std.
+shots, one line per method, +- std. Each sample of the report holds its predictions per method,
+shot count and run, and the keys each run chose for the most shots, best first.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ SELECTIONS = {"random": "uniform without replacement, seeded per (seed index, qu
               "rices": "the most similar training images by the index's vision tower, most similar last"}
 ZERO_SHOT_PROMPT = "<|begin_of_text|><|image|>"  # the model continues with the caption and a newline
 PLOTTED = {"exact_match": "exact match", "cider_d": "CIDEr-D"}
-HELD_IMAGES = 1024  # demonstration images read and held at once (per chunk of queries)
+HELD_IMAGES = 512  # demonstration images read and held at once (per chunk of at least batch_size queries)
 _PLACEHOLDER = object()  # an image in a prompt whose length alone is checked
 
 
@@ -126,12 +127,6 @@ def fewshot_evaluate(captioner: Captioner, shards: Sequence[str | Path], plan: F
     references = [e.references for e in examples]
     results = {method: {str(k): _summary(outcome, references, scenes) for k, outcome in by_shots.items()}
                for method, by_shots in outcomes.items()}
-    samples = [{"key": e.key, "references": e.references,
-                "predictions": {method: {str(k): [run[i] for run in outcome] for k, outcome in by_shots.items()}
-                                for method, by_shots in outcomes.items()},
-                "demonstrations": {method: [[entry.key for entry in choices[i]] for run, choices in runs.items()
-                                            if run[0] == method] for method in plan.select}}
-               for i, e in enumerate(examples)]
     settings = {"shots": list(plan.shots), "select": list(plan.select), "seeds": plan.seeds, "demos": list(plan.demos),
                 "index": plan.index, "limit": limit, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
                 **{name: value for name, value in search.items() if name != "generator"}}
@@ -139,13 +134,30 @@ def fewshot_evaluate(captioner: Captioner, shards: Sequence[str | Path], plan: F
                "demonstration_pool": pool_size, "std": "population std over runs (random: one run per seed; rices "
                "and 0 shots are deterministic: one run)", "results": results}
     return {"fewshot": fewshot, "images": len(examples), "skipped": dict(skipped), "first_errors": errors,
-            "seconds": round(time.perf_counter() - start, 2), "settings": settings, "samples": samples}
+            "seconds": round(time.perf_counter() - start, 2), "settings": settings,
+            "samples": _samples(examples, outcomes, runs)}
+
+
+def _samples(examples: Sequence[CaptionExample], outcomes: dict[str, dict[int, list[list[str]]]],
+             runs: dict[tuple[str, int], list[list[Entry]]]) -> list[dict]:
+    """Per query: its predictions per method, shot count and run, and the keys its runs chose for
+    the most shots, best first."""
+    samples = []
+    for i, example in enumerate(examples):
+        predictions = {method: {str(k): [run[i] for run in outcome] for k, outcome in by_shots.items()}
+                       for method, by_shots in outcomes.items()}
+        chosen = {method: [[entry.key for entry in choices[i]] for run, choices in runs.items() if run[0] == method]
+                  for method in outcomes}
+        samples.append({"key": example.key, "references": example.references, "predictions": predictions,
+                        "demonstrations": chosen})
+    return samples
 
 
 def _choose(captioner: Captioner, examples: Sequence[CaptionExample], plan: FewShotPlan, *,
             batch_size: int) -> tuple[dict[tuple[str, int], list[list[Entry]]], int]:
     """Per run ((method, seed index)), each query's demonstrations for the most shots, best first;
-    and the number of candidates."""
+    and the number of candidates: the index's entries when there is one (built over the --demos
+    shards, checked), else the caption samples of the --demos shards."""
     k = max(plan.shots)
     if k == 0:
         return {}, 0
@@ -242,9 +254,8 @@ def write_fewshot_report(report: dict, out: str | Path) -> tuple[Path, Path]:
 def print_fewshot_summary(report: dict) -> None:
     """A table of mean +- std per method and shot count."""
     fewshot = report["fewshot"]
-    names = {**PLOTTED, **({"hallucination_rate": "hallucination"}
-                           if "hallucination_rate" in next(iter(next(iter(fewshot["results"].values())).values()))["mean"]
-                           else {})}
+    first = next(iter(next(iter(fewshot["results"].values())).values()))
+    names = {**PLOTTED, **({"hallucination_rate": "hallucination"} if "hallucination_rate" in first["mean"] else {})}
     print(f"{report['images']} images, demonstrations from {fewshot['demonstration_pool']} training images "
           f"(mean +- std over runs; random: {report['settings']['seeds']} seed(s)):")
     print(f"  {'select':<8}{'shots':>6}" + "".join(f"{title:>20}" for title in names.values()))

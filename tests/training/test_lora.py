@@ -301,36 +301,38 @@ def test_sigkill_resume_is_bitwise_and_the_checkpoint_exports_merged_and_as_peft
 # --- FSDP2 ------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_two_ranks_under_fsdp2_resume_a_sharded_checkpoint_and_train_as_one_process(tmp_path):
+def test_two_ranks_under_fsdp2_train_as_one_process_and_resume_their_sharded_checkpoint(tmp_path):
     """lora_run.py (flamingo, DoRA adapters on text and fusion, validation and checkpoints every 3
-    steps): one process for 6 steps; then 2 ranks resume its step-3 sharded checkpoint (resharded,
-    no frozen tensors in it) and must match its steps 3-5, validation and final tensors (1e-5)."""
-    script = Path(__file__).with_name("lora_run.py")
-    one, two = tmp_path / "one", tmp_path / "two"
-    run_ranks([str(script), "--out", str(one), "--devices", "1"], cwd=tmp_path)
-    run_ranks([str(script), "--out", str(two), "--devices", "2", "--resume", str(one / "checkpoints" / "step=3.ckpt")],
-              cwd=tmp_path)
-    single = json.loads((one / "losses_rank0.json").read_text())
-    ranks = [json.loads((two / f"losses_rank{r}.json").read_text()) for r in (0, 1)]
-    assert single["steps"] == list(range(6)) and ranks[0]["steps"] == ranks[1]["steps"] == [3, 4, 5]
-    for step, (a, b) in enumerate(zip(ranks[0]["losses"], ranks[1]["losses"]), start=3):
-        assert abs((a + b) / 2 - single["losses"][step]) <= 1e-5 * single["losses"][step], (step, single, ranks)
-    vals = [json.loads((folder / f"val_rank{r}.json").read_text()) for folder, r in ((one, 0), (two, 0), (two, 1))]
-    assert abs(vals[1]["val_loss"] - vals[0]["val_loss"]) <= 1e-5 * vals[0]["val_loss"] and vals[1] == vals[2]
+    steps), one launch: one process for 6 steps; 2 ranks under configs/strategy/fsdp2.yaml for the
+    same 6 steps (1e-5); the 2 ranks again from their step-3 sharded checkpoint (no frozen tensor in
+    it), bit for bit."""
+    run_ranks([str(Path(__file__).with_name("lora_run.py")), "--out", str(tmp_path)], cwd=tmp_path)
+
+    def read(run: str, what: str, ranks: int) -> list[dict]:
+        return [json.loads((tmp_path / run / f"{what}_rank{r}.json").read_text()) for r in range(ranks)]
+
+    (one,), two, resumed = read("one", "losses", 1), read("two", "losses", 2), read("resumed", "losses", 2)
+    assert one["steps"] == two[0]["steps"] == list(range(6)) and resumed[0]["steps"] == [3, 4, 5]
+    for step, (a, b) in enumerate(zip(two[0]["losses"], two[1]["losses"])):
+        assert abs((a + b) / 2 - one["losses"][step]) <= 1e-5 * one["losses"][step], (step, one, two)
+    for rank in (0, 1):
+        assert resumed[rank]["losses"] == two[rank]["losses"][3:]
+    vals = [*read("one", "val", 1), *read("two", "val", 2), *read("resumed", "val", 2)]
+    assert all(abs(v["val_loss"] - vals[0]["val_loss"]) <= 1e-5 * vals[0]["val_loss"] for v in vals)
     assert "of which LoRA" in vals[0]["table"]
 
     from torch.distributed.checkpoint import FileSystemReader
 
     from vlm.training.export import model_from_checkpoint
 
-    final = two / "checkpoints" / "step=6.ckpt"
-    assert sorted(p.name for p in final.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
-    stored = {k for k in FileSystemReader(str(final)).read_metadata().state_dict_metadata if k.startswith("state_dict.")}
-    sharded, _ = model_from_checkpoint(final)
-    reference, _ = model_from_checkpoint(one / "checkpoints" / "step=6.ckpt")
-    frozen = {n for n, p in sharded.named_parameters() if not p.requires_grad}
-    assert stored == {f"state_dict.model.{n}" for n in sharded.state_dict() if n not in frozen}
-    trained = {n: p for n, p in sharded.named_parameters() if p.requires_grad}
+    sharded, plain = tmp_path / "resumed" / "checkpoints" / "step=6.ckpt", tmp_path / "one" / "checkpoints" / "step=6.ckpt"
+    assert sorted(p.name for p in sharded.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    stored = {k for k in FileSystemReader(str(sharded)).read_metadata().state_dict_metadata if k.startswith("state_dict.")}
+    model, _ = model_from_checkpoint(sharded)
+    reference, _ = model_from_checkpoint(plain)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert stored == {f"state_dict.model.{n}" for n in model.state_dict() if n not in frozen}
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert any(n.endswith("lora_B") and p.abs().sum() > 0 for n, p in trained.items())  # the adapters trained
-    for name, value in trained.items():
-        torch.testing.assert_close(value, reference.get_parameter(name), atol=1e-5, rtol=1e-5)
+    for name, value in trained.items():  # 6 AdamW steps of lr 1e-2 from gradients equal to rounding (1e-7)
+        torch.testing.assert_close(value, reference.get_parameter(name), atol=1e-4, rtol=1e-4)

@@ -100,8 +100,8 @@ def evaluate(args: argparse.Namespace, run_dir: Path, log: list[dict]) -> dict:
 
 def curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """DPO's logged train/val loss, reward accuracy and margin: name -> [(step, value)]."""
-    names = ["train/loss", "train/rewards/accuracies", "train/rewards/margins", "val/loss",
-             "val/rewards/accuracies", "val/rewards/margins", "val/exact_match"]
+    names = [f"{split}/{name}" for split in ("train", "val")
+             for name in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen")] + ["val/exact_match"]
     out: dict[str, list] = {name: [] for name in names}
     for path in sorted(run_dir.glob("logs/version_*/metrics.csv")):
         for row in csv.DictReader(open(path)):
@@ -152,8 +152,9 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [("loss", "DPO loss"), ("rewards/accuracies", "reward accuracy"), ("rewards/margins", "reward margin")]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    names = [("loss", "loss (dpo_sft: + the SFT term)"), ("rewards/accuracies", "reward accuracy"),
+             ("rewards/margins", "reward margin"), ("logps/chosen", "log-prob of the chosen answer")]
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
     for ax, (name, title) in zip(axes, names):
         for fusion, run_ in report["fusions"].items():
             for dpo, curves_ in run_["dpo_curves"].items():

@@ -139,9 +139,10 @@ def test_real_images_sequence_runs(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_preference_sequence_and_bench_run(tmp_path, monkeypatch, capsys):
-    """The "Preference tuning (DPO)" commands, verbatim but for a tiny model and data, then
-    scripts/preference_bench.py (the comparison the section reports) on the same data."""
+def test_preference_and_lora_sequences_and_bench_run(tmp_path, monkeypatch, capsys):
+    """The "Preference tuning (DPO)" and "LoRA and QLoRA" commands and snippet, verbatim but for a
+    tiny model and data, then scripts/preference_bench.py (the comparison the DPO section reports)
+    on the same data."""
     import importlib.util
 
     sequence = commands("Preference tuning (DPO)")
@@ -157,6 +158,19 @@ def test_preference_sequence_and_bench_run(tmp_path, monkeypatch, capsys):
     assert "of captions contradict their image" in out
     report = json.loads((tmp_path / "outputs" / "dpo" / "llava" / "model" / "eval" / "report.json").read_text())
     assert report["images"] == 16 and "hallucination_rate" in report["hallucination"]
+
+    # "LoRA and QLoRA" starts from the same partway captioner
+    lora = commands("LoRA and QLoRA")
+    assert [c.split()[1] for c in lora] == ["fit", "export", "export", "evaluate"]
+    for command in lora:
+        capsys.readouterr()
+        assert main(tiny(command)) == 0, (command, capsys.readouterr().err[-2000:])
+    assert (tmp_path / "outputs" / "lora" / "llava" / "peft" / "adapter" / "adapter_config.json").is_file()
+    assert not (tmp_path / "outputs" / "lora" / "llava" / "model" / "adapter").exists()  # merged
+    (snippet,) = python_blocks("LoRA and QLoRA")
+    namespace: dict = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    assert type(namespace["text"]).__name__ == "PeftModelForCausalLM"
 
     spec = importlib.util.spec_from_file_location("preference_bench", ROOT / "scripts" / "preference_bench.py")
     bench = importlib.util.module_from_spec(spec)

@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "the same way")
 
     p = commands.add_parser("shapes", parents=[_shard_options(1000)],
-                            help="synthetic shapes: caption, chat, interleaved (and preference) shards")
+                            help="synthetic shapes: caption, chat, interleaved (and preference, fewshot) shards")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--train", type=int, default=10_000, help="samples per variant (train)")
     p.add_argument("--val", type=int, default=500, help="samples per variant (val)")
@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=64, help="pixels, 64 to 96")
     p.add_argument("--variants", nargs="+", choices=list(shapes.VARIANTS),
                    default=list(shapes.DEFAULT_VARIANTS),
-                   help="default: %(default)s; preference (true vs one-attribute-wrong captions) on request")
+                   help="default: %(default)s; on request: preference (true vs one-attribute-wrong "
+                        "captions), fewshot (documents renaming colours and kinds with made-up words)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all CPUs)")
 
     p = commands.add_parser("emoji", parents=[_shard_options(10_000)],

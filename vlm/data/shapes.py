@@ -11,11 +11,12 @@ background channel is >= 190 while every palette colour has a channel <= 50, so 
 pixel never equals a shape colour. One image therefore has exactly one right caption (many
 images share a caption: vertical positions, exact spacing and backgrounds are not described).
 
-Four sample variants (formats in data/README.md): caption (one image + its caption), chat
+Five sample variants (formats in data/README.md): caption (one image + its caption), chat
 (one image + 1-3 questions with short, exactly determined answers), interleaved (2-3 images,
-each followed by its caption) and preference (one image, the true caption chosen, the caption with
-exactly one attribute wrong rejected; written only when asked for). `make_shapes_dataset` writes
-them as shards. Sample `i` of a split
+each followed by its caption), preference (one image, the true caption chosen, the caption with
+exactly one attribute wrong rejected) and fewshot (2-9 images captioned with a per-document rule
+only the document reveals; `vlm.data.shapes_fewshot`); the last two are written only when asked
+for. `make_shapes_dataset` writes them as shards. Sample `i` of a split
 depends only on `(seed, variant, split, i)`, so generation parallelises and the same seed gives
 byte-identical shards (with the same Pillow/zlib). Train and validation draw from different
 random streams: exact-duplicate captions across splits are expected (there are only so many),
@@ -98,8 +99,20 @@ def sample_scene(rng: random.Random, size: int = 64) -> Scene:
     """Draw a random scene: 1-3 shapes placed left to right with random spacing and heights."""
     if not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
         raise ValueError(f"image size must be in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}], got {size}")
-    count = rng.randint(1, 3)
-    attrs = [(rng.choice(KINDS), rng.choice(list(COLOURS)), rng.choice(SIZES)) for _ in range(count)]
+    return place_shapes(rng, random_shapes(rng, rng.randint(1, 3)), size)
+
+
+def random_shapes(rng: random.Random, count: int) -> list[tuple[str, str, str]]:
+    """`count` random `(kind, colour, size)` triples."""
+    return [(rng.choice(KINDS), rng.choice(list(COLOURS)), rng.choice(SIZES)) for _ in range(count)]
+
+
+def place_shapes(rng: random.Random, attrs: Sequence[tuple[str, str, str]], size: int = 64) -> Scene:
+    """A scene of the given 1-3 `(kind, colour, size)` shapes, left to right in that order, with
+    random spacing, heights and background."""
+    count = len(attrs)
+    if not 1 <= count <= 3:
+        raise ValueError(f"a scene holds 1-3 shapes, got {count}")
     extents = [shape_extent(s, size) for _, _, s in attrs]
     gap = shape_gap(size)
     slack = size - 2 * _MARGIN - sum(extents) - gap * (count - 1)
@@ -310,17 +323,32 @@ def preference_sample(rng: random.Random, *, image_size: int = 64) -> dict:
                                                  "scene": scene.as_dict()}}
 
 
+def fewshot_sample(rng: random.Random, *, image_size: int = 64, held_out: bool = False) -> dict:
+    """Few-shot format: an interleaved document whose captions rename colours and kinds with the
+    document's own made-up words, the last image's words all shown before it
+    (`vlm.data.shapes_fewshot`; `held_out`: the validation words)."""
+    from vlm.data.shapes_fewshot import fewshot_document  # that module builds on this one
+
+    return fewshot_document(rng, image_size=image_size, held_out=held_out)
+
+
 VARIANTS = {"caption": caption_sample, "chat": chat_sample, "interleaved": interleaved_sample,
-            "preference": preference_sample}
+            "preference": preference_sample, "fewshot": fewshot_sample}
 DEFAULT_VARIANTS = ("caption", "chat", "interleaved")  # written when no variant is named
+
+
+def sample_rng(seed: int, variant: str, split: str, index: int) -> random.Random:
+    """The random stream of one sample."""
+    return random.Random(f"vlm-shapes/{seed}/{variant}/{split}/{index}")  # str seeds hash stably
 
 
 def make_sample(variant: str, *, seed: int, split: str, index: int, image_size: int = 64) -> dict:
     """Sample `index` of a split; depends only on its arguments. Key: `{split}_{index:08d}`."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown shapes variant {variant!r}; choose from {sorted(VARIANTS)}")
-    rng = random.Random(f"vlm-shapes/{seed}/{variant}/{split}/{index}")  # str seeds hash stably
-    return {"__key__": f"{split}_{index:08d}", **VARIANTS[variant](rng, image_size=image_size)}
+    options = {"held_out": split != "train"} if variant == "fewshot" else {}  # new words outside train
+    rng = sample_rng(seed, variant, split, index)
+    return {"__key__": f"{split}_{index:08d}", **VARIANTS[variant](rng, image_size=image_size, **options)}
 
 
 # --- dataset -----------------------------------------------------------------------------------

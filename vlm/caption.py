@@ -295,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.retrieve is not None:
             index = Index.load(args.retrieve)
             tower = index.query_tower(captioner.model, device=device)
-    except (OSError, ValueError, UserError) as error:
+    except (OSError, ValueError) as error:  # a UserError is printed by vlm.cli as one line
         print(f"vlm caption: error: {error}", file=sys.stderr)
         return 2
     search = dict(temperature=args.temperature, generator=torch.Generator(device=device).manual_seed(args.seed),

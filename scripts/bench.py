@@ -5,7 +5,8 @@
     python scripts/bench.py flamingo    # deep fusion vs transformers' Idefics v1 (IdeficsForVisionText2Text)
     python scripts/bench.py fusion      # LLaVA vs Flamingo: same backbone, shapes data and steps
     python scripts/bench.py features    # emoji recipe train step: cached tower features vs the frozen tower
-    python scripts/bench.py all         # every benchmark at its defaults
+    python scripts/bench.py lora        # full fine-tuning vs LoRA vs QLoRA: peak memory, step time (scripts/bench_lora.py)
+    python scripts/bench.py all         # every benchmark at its defaults (lora excepted: minutes on its own)
     python scripts/bench.py llama --threads 2 --json benchmarks/results/llama.json
     python scripts/bench.py llava --profile --compile   # + side-by-side torch.profiler tables, torch.compile
 
@@ -740,8 +741,25 @@ def bench_features(args: argparse.Namespace) -> dict:
             "target_met": all(w >= args.target for w in worst.values()), "timings": timings_json(**timings)}
 
 
+# --- lora: full fine-tuning vs LoRA vs QLoRA (scripts/bench_lora.py) ----------------------------
+
+def _lora_module():
+    """scripts/bench_lora.py (it imports its helpers from this file as the module `bench`)."""
+    if str(Path(__file__).parent) not in sys.path:
+        sys.path.insert(0, str(Path(__file__).parent))
+    import bench_lora
+
+    return bench_lora
+
+
+def bench_lora(args: argparse.Namespace) -> dict:
+    return _lora_module().run(args)
+
+
 # --- command line ------------------------------------------------------------------------------
 
+# What `all` runs. Not lora: it builds and trains three ~240M-parameter models, minutes on its own,
+# which would take `all` past its 10-minute budget; run it by itself.
 BENCHMARKS = ("llama", "llava", "flamingo", "fusion", "features")
 
 
@@ -782,11 +800,14 @@ def build_parser() -> argparse.ArgumentParser:
     features.add_argument("--target", type=float, default=5.0, help="cached must be this much faster (slowest repeat)")
     features.add_argument("--seed", type=int, default=0)
     features.set_defaults(func=bench_features)
-    every = sub.add_parser("all", help="every benchmark at its defaults, one after the other")
-    for p in (llama, llava, flamingo, fusion, features, every):
+    lora = sub.add_parser("lora", help="full fine-tuning vs LoRA vs QLoRA: peak memory and step time; vlm memory's estimates")
+    _lora_module().add_arguments(lora)
+    lora.set_defaults(func=bench_lora)
+    every = sub.add_parser("all", help="every benchmark but lora at its defaults, one after the other")
+    for p in (llama, llava, flamingo, fusion, features, lora, every):
         p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: see the module docstring)")
         p.add_argument("--out-dir", type=Path, default=RESULTS, help="where <name>.json (and plots) go")
-    for p in (llama, llava, flamingo, fusion, features):
+    for p in (llama, llava, flamingo, fusion, features, lora):
         p.add_argument("--repeats", type=int, default=5, help="timed runs per side (median reported)")
         p.add_argument("--json", type=Path, default=None, help="write the results here instead of OUT_DIR/<name>.json")
     for p in (llama, llava, flamingo):

@@ -18,6 +18,8 @@ TINY = {
     "flamingo": [*TEXT, *VISION, "--latents", "4", "--resampler-depth", "1"],
     "fusion": ["--steps", "3", "--batch", "2", "--eval-images", "2", "--dim", "32", "--layers", "1"],
     "features": ["--batch", "2", "--image-size", "32", "--text-tokens", "4", "--target", "1.0"],
+    "lora": [*TEXT, "--kv-heads", "2", *VISION[:-4], "--memory-steps", "2", "--estimate-base", "configs/shapes.yaml",
+             "--estimate-fusions", "configs/fusion/llava.yaml"],
 }
 
 
@@ -104,3 +106,31 @@ def test_features_benchmark_times_cached_against_tower_steps(bench, tmp_path, ca
     assert [row["metric"] for row in result["rows"]] == ["llava train steps/s", "flamingo train steps/s"]
     assert set(result["worst_ratio"]) == {"llava", "flamingo"} and all(r > 0 for r in result["worst_ratio"].values())
     assert all(len(runs) == 2 for t in result["timings"].values() for runs in t["runs_wall_cpu_s"].values())
+
+
+def test_lora_benchmark_profiles_full_lora_and_qlora(bench, tmp_path, capsys):
+    assert bench.main(["lora", *TINY["lora"], "--repeats", "1", "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for target in ("LoRA trains >= 95% fewer parameters", "LoRA saves >= 40% of peak memory", "QLoRA's weights <= 35% of bf16's"):
+        assert re.search(rf"target {re.escape(target)}.*?[\d.]+%.*\((met|MISSED)\)", out)
+    result = json.loads((tmp_path / "lora.json").read_text())
+    rows = {row["metric"]: row for row in result["rows"]}
+    losses = result["losses"]
+    assert losses["lora"][0] == pytest.approx(losses["full"][0], rel=1e-5)  # same base, B = 0: the base's loss
+    assert losses["qlora"][0] == pytest.approx(losses["full"][0], abs=0.05)  # NF4's rounding only
+    trained = rows["trainable parameters"]
+    assert trained["lora"] == trained["qlora"] < trained["full"] and rows["of which LoRA"]["full"] == 0 < rows["of which LoRA"]["lora"]
+    for name in ("full", "lora", "qlora"):  # the profiler saw the weights, the new gradients and both AdamW moments at once
+        memory = result["memory"][name]
+        assert len(memory["step_peak_bytes"]) == 2 and min(memory["step_peak_bytes"]) >= memory["weights_bytes"] + 12 * trained[name]
+    assert result["memory"]["qlora"]["weights_bytes"] < result["memory"]["lora"]["weights_bytes"]  # NF4 bases
+    assert 0.25 < result["targets"]["qlora_weights_35pct_of_bf16"]["value"] < 0.35  # 4-bit codes + scales vs 16 bits
+    assert all(len(runs) == 1 for runs in result["timings"]["train_step"]["runs_wall_cpu_s"].values())
+    estimates = result["estimates"]
+    assert list(estimates) == ["llava full", "llava lora", "llava qlora", "llava lora bf16-true", "llava qlora bf16-true"]
+    assert estimates["llava qlora"]["command"] == ("vlm memory --config configs/shapes.yaml --config configs/fusion/llava.yaml "
+                                                   "--config configs/peft/qlora.yaml --devices 1")
+    assert estimates["llava lora"]["parameters"]["text"]["lora"] > 0 == estimates["llava full"]["parameters"]["text"]["lora"]
+    assert "of which LoRA" in estimates["llava lora"]["table"]
+    qlora, lora = (estimates[f"llava {n} bf16-true"]["static_bytes"]["weights"]["frozen"] for n in ("qlora", "lora"))
+    assert qlora < lora  # NF4 bases

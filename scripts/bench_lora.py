@@ -32,10 +32,13 @@ import dataclasses
 import gc
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from vlm.model import ModelInput, VLMConfig
 
 VARIANTS = {"full": "configs/stage/instruct.yaml", "lora": "configs/peft/lora.yaml", "qlora": "configs/peft/qlora.yaml"}
 ESTIMATE_DIR = "configs/llama32_1b_clip"
@@ -76,7 +79,7 @@ class Variant:
     table: Any  # vlm.stages.ParameterTable
     losses: list[float] = dataclasses.field(default_factory=list)
 
-    def step(self, batch: Any) -> float:
+    def step(self, batch: ModelInput) -> float:
         loss = self.model(batch, return_logits=False).loss
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -85,7 +88,7 @@ class Variant:
         return self.losses[-1]
 
 
-def vlm_config(args: argparse.Namespace):
+def vlm_config(args: argparse.Namespace) -> VLMConfig:
     from bench import IMAGE, ffn_dim, open_clip_vision
 
     from vlm.fusion import FusionConfig
@@ -98,7 +101,7 @@ def vlm_config(args: argparse.Namespace):
     return VLMConfig(text=text, vision=vision, fusion=FusionConfig("llava", {"projector": "mlp2x_gelu"}), image_token_id=IMAGE)
 
 
-def build_variant(name: str, config: Any, *, seed: int) -> Variant:
+def build_variant(name: str, config: VLMConfig, *, seed: int) -> Variant:
     """The model of `VARIANTS[name]`'s recipe section, built, adapted and frozen as `vlm fit` does."""
     from bench import load_yaml
 
@@ -122,7 +125,7 @@ def build_variant(name: str, config: Any, *, seed: int) -> Variant:
     return Variant(name, model, optimizer, table)
 
 
-def make_batch(config: Any, args: argparse.Namespace, tokens_per_image: int):
+def make_batch(args: argparse.Namespace, tokens_per_image: int) -> ModelInput:
     from bench import image_rows, random_text
 
     from vlm.model import ModelInput
@@ -134,7 +137,7 @@ def make_batch(config: Any, args: argparse.Namespace, tokens_per_image: int):
 
 # --- measured memory -----------------------------------------------------------------------------
 
-def measure(name: str, config: Any, args: argparse.Namespace) -> tuple[Variant, Any, dict]:
+def measure(name: str, config: VLMConfig, args: argparse.Namespace) -> tuple[Variant, ModelInput, dict]:
     """Build `name` and run `--memory-steps` steps under the profiler: the live totals it saw. Then
     one more step without it, for the RSS cross-check (the profiler's own buffers would count)."""
     from torch.profiler import ProfilerActivity, profile, record_function
@@ -143,7 +146,7 @@ def measure(name: str, config: Any, args: argparse.Namespace) -> tuple[Variant, 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         with record_function("bench_lora.build"):
             variant = build_variant(name, config, seed=args.seed)
-        batch = make_batch(config, args, variant.model.tokens_per_image)
+        batch = make_batch(args, variant.model.tokens_per_image)
         rss_built = _settle(collect=False)
         for _ in range(args.memory_steps):
             with record_function("bench_lora.step"):

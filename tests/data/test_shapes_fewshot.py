@@ -43,13 +43,14 @@ def _documents(split: str, count: int, **options) -> list[dict]:
 
 
 def _words(sample: dict) -> set[str]:
+    """The made-up words of a document's captions."""
+    real = {"a", "left", "of", *shapes.SIZES, *shapes.KINDS}
     return {word for segment in sample["json"]["segments"] if segment["type"] == "text"
-            for word in segment["text"].replace(".", " ").split()} - {"a", "small", "large", "left", "of"}
+            for word in segment["text"].replace(".", " ").split()} - real
 
 
 def _rule_words(sample: dict) -> set[str]:
-    rule = sample["json"]["rule"]
-    return set(rule["colour"].values()) | set(rule["kind"].values())
+    return set(sample["json"]["rule"]["colour"].values())
 
 
 def test_same_seed_same_bytes_and_episodes_keep_rule_and_query():
@@ -78,27 +79,35 @@ def test_last_caption_is_revealed_by_earlier_pairs(text_only):
         assert [seg["text"] for seg in meta["segments"][1::2]] == [text + "\n" for text in texts]
         read = [read_caption(text, rule) for text in texts]
         assert read == [shapes.parse_caption(s["caption"]) for s in meta["scenes"]]  # the rule renames, nothing else
-        earlier = {word for shown in read[:-1] for _, colour, kind in shown for word in (("c", colour), ("k", kind))}
-        query = {word for _, colour, kind in read[-1] for word in (("c", colour), ("k", kind))}
-        assert query <= earlier and meta["revealed"][-1] and not meta["revealed"][0], texts
-        assert 0 < meta["chance"] < 1e-3
+        earlier = {colour for shown in read[:-1] for _, colour, _ in shown}
+        assert {colour for _, colour, _ in read[-1]} <= earlier, texts
+        assert meta["revealed"][-1] and not meta["revealed"][0]
+        assert {colour for shown in read for _, colour, _ in shown} <= set(rule["colour"])
+        assert 0 < meta["chance"] <= 1 / 30
     assert {s["json"]["shots"] for s in documents[:200]} == set(range(1, MAX_SHOTS + 1))
     assert not fewshot_episode(seed=2, split="val", index=0, shots=0)["json"]["revealed"][-1]
 
 
 def test_rules_are_bijections_and_val_rules_never_occur_in_train(text_only):
-    train_pool, val_pool = set(word_pool(held_out=False)), set(word_pool(held_out=True))
-    assert not train_pool & val_pool and len(val_pool) >= 40 and len(train_pool) >= 4 * len(val_pool)
-    assert train_pool | val_pool == {a + b for a in SYLLABLES for b in SYLLABLES if a != b}
+    words = {a + b for a in SYLLABLES for b in SYLLABLES if a != b}
+    for colour in shapes.COLOURS:
+        held_out, train = set(word_pool(colour, held_out=True)), set(word_pool(colour, held_out=False))
+        assert not held_out & train and held_out | train == words and len(held_out) >= 30
+    held_out_words = [w for c in shapes.COLOURS for w in word_pool(c, held_out=True)]
+    assert sorted(held_out_words) == sorted(words)  # every word names exactly one colour in held-out documents
     train, val = _documents("train", 150), _documents("val", 50)
-    for samples, pool in ((train, train_pool), (val, val_pool)):
+    for samples, held_out in ((train, False), (val, True)):
         for sample in samples:
-            rule = _rule_words(sample)
-            assert len(rule) == 9 and len({word[:2] for word in rule}) == 9  # first syllables name the words
-            assert _words(sample) <= rule <= pool
-    seen_in_train = set().union(*map(_words, train))
-    assert not seen_in_train & set().union(*map(_rule_words, val))
-    assert shapes.make_sample("fewshot", seed=0, split="test", index=0)["json"]["rule"]["colour"]["red"] in val_pool
+            colours = sample["json"]["rule"]["colour"]
+            assert list(colours) == [c for c in shapes.COLOURS if c in colours] and 2 <= len(colours) <= 4
+            assert len({word[:2] for word in colours.values()}) == len(colours)  # first syllables name the words
+            assert _words(sample) <= _rule_words(sample)
+            assert all(word in word_pool(colour, held_out=held_out) for colour, word in colours.items())
+    pairs = [{(c, w) for s in samples for c, w in s["json"]["rule"]["colour"].items()} for samples in (train, val)]
+    assert not pairs[0] & pairs[1]
+    assert {w for _, w in pairs[0]} & {w for _, w in pairs[1]}  # the words themselves are familiar
+    test = shapes.make_sample("fewshot", seed=0, split="test", index=0)["json"]["rule"]["colour"]
+    assert all(word in word_pool(colour, held_out=True) for colour, word in test.items())
 
 
 def test_images_show_their_scenes_and_chance_has_no_rule():
@@ -108,8 +117,8 @@ def test_images_show_their_scenes_and_chance_has_no_rule():
         shown = {name for name, rgb in shapes.COLOURS.items() if (pixels == rgb).all(-1).any()}
         assert shown == {shape["colour"] for shape in scene["shapes"]}
     query = shapes.sample_scene(random.Random(0))
-    distinct = len({s.colour for s in query.shapes}) + len({s.kind for s in query.shapes})
-    assert chance_exact_match(query) == pytest.approx(1 / math.perm(len(word_pool(True)), distinct))
+    expected = math.prod(1 / len(word_pool(c, held_out=True)) for c in {s.colour for s in query.shapes})
+    assert chance_exact_match(query) == pytest.approx(expected)
     with pytest.raises(ValueError, match="not a phrase"):
         read_caption("a small red circle.", sample["json"]["rule"])
 
@@ -128,7 +137,7 @@ def test_recipe_tokenizer_spells_every_word_in_syllables(tmp_path, text_only):
     tokenizer = _fewshot_tokenizer(tmp_path, _documents("train", 600), RECIPE["data"]["tokenizer_vocab_size"])
     assert tokenizer.vocab_size <= RECIPE["model"]["config"]["text"]["vocab_size"]
     assert tokenizer.image_id == RECIPE["model"]["config"]["image_token_id"]
-    for word in word_pool(held_out=False) + word_pool(held_out=True):
+    for word in sorted({a + b for a in SYLLABLES for b in SYLLABLES if a != b}):
         assert [tokenizer.decode([i]) for i in tokenizer.encode(" " + word)] == [" " + word[:2], word[2:]], word
 
 
@@ -137,7 +146,7 @@ def test_document_encodes_as_the_few_shot_prompt_layout(tmp_path):
     <|image|> + caption + "\\n", then <|end_of_text|>; every caption learned. Its tokens are those
     of `fewshot_prompt` with the earlier pairs as demonstrations and the last caption as target."""
     samples = _documents("train", 20)
-    tokenizer = _fewshot_tokenizer(tmp_path, samples, 310)
+    tokenizer = _fewshot_tokenizer(tmp_path, samples, RECIPE["data"]["tokenizer_vocab_size"])
     sample = fewshot_episode(seed=1, split="val", index=7, shots=3)
     encoded = encode_sample(decode_sample(sample), ChatTemplate(tokenizer))
     assert isinstance(encoded, EncodedSample) and len(encoded.images) == 4

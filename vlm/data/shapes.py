@@ -14,9 +14,9 @@ images share a caption: vertical positions, exact spacing and backgrounds are no
 Five sample variants (formats in data/README.md): caption (one image + its caption), chat
 (one image + 1-3 questions with short, exactly determined answers), interleaved (2-3 images,
 each followed by its caption), preference (one image, the true caption chosen, the caption with
-exactly one attribute wrong rejected) and fewshot (2-9 images captioned with a per-document rule
-only the document reveals; `vlm.data.shapes_fewshot`); the last two are written only when asked
-for. `make_shapes_dataset` writes them as shards. Sample `i` of a split
+exactly one attribute wrong rejected) and fewshot (2-9 images whose captions name colours with
+made-up words that only the document reveals; `vlm.data.shapes_fewshot`); the last two are
+written only when asked for. `make_shapes_dataset` writes them as shards. Sample `i` of a split
 depends only on `(seed, variant, split, i)`, so generation parallelises and the same seed gives
 byte-identical shards (with the same Pillow/zlib). Train and validation draw from different
 random streams: exact-duplicate captions across splits are expected (there are only so many),
@@ -102,9 +102,9 @@ def sample_scene(rng: random.Random, size: int = 64) -> Scene:
     return place_shapes(rng, random_shapes(rng, rng.randint(1, 3)), size)
 
 
-def random_shapes(rng: random.Random, count: int) -> list[tuple[str, str, str]]:
-    """`count` random `(kind, colour, size)` triples."""
-    return [(rng.choice(KINDS), rng.choice(list(COLOURS)), rng.choice(SIZES)) for _ in range(count)]
+def random_shapes(rng: random.Random, count: int, colours: Sequence[str] = tuple(COLOURS)) -> list[tuple[str, str, str]]:
+    """`count` random `(kind, colour, size)` triples, colours drawn from `colours`."""
+    return [(rng.choice(KINDS), rng.choice(colours), rng.choice(SIZES)) for _ in range(count)]
 
 
 def place_shapes(rng: random.Random, attrs: Sequence[tuple[str, str, str]], size: int = 64) -> Scene:
@@ -324,9 +324,9 @@ def preference_sample(rng: random.Random, *, image_size: int = 64) -> dict:
 
 
 def fewshot_sample(rng: random.Random, *, image_size: int = 64, held_out: bool = False) -> dict:
-    """Few-shot format: an interleaved document whose captions rename colours and kinds with the
-    document's own made-up words, the last image's words all shown before it
-    (`vlm.data.shapes_fewshot`; `held_out`: the validation words)."""
+    """Few-shot format: an interleaved document whose captions name colours with the document's
+    own made-up words, the last image's colours all shown before it (`vlm.data.shapes_fewshot`;
+    `held_out`: the validation words)."""
     from vlm.data.shapes_fewshot import fewshot_document  # that module builds on this one
 
     return fewshot_document(rng, image_size=image_size, held_out=held_out)

@@ -19,6 +19,8 @@ RECIPES = [
     ["own_data.yaml", "fusion/flamingo.yaml"],
     ["emoji.yaml", "fusion/llava.yaml"],
     ["emoji.yaml", "fusion/flamingo.yaml"],
+    ["fewshot.yaml", "fusion/llava.yaml"],
+    ["fewshot.yaml", "fusion/flamingo.yaml"],
     ["shapes.yaml", "fusion/llava.yaml", "stage/dpo.yaml"],
     ["shapes.yaml", "fusion/flamingo.yaml", "stage/dpo.yaml"],
     ["shapes.yaml", "fusion/llava.yaml", "peft/lora.yaml"],
@@ -34,7 +36,7 @@ MODIFIERS = sorted(str(p.relative_to(CONFIGS)) for folder in ("strategy", "preci
 
 def test_every_shipped_yaml_is_in_a_tested_recipe():
     shipped = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml"))
-    assert len(shipped) == 13 + len(MODIFIERS), shipped
+    assert len(shipped) == 14 + len(MODIFIERS), shipped
     assert len(MODIFIERS) >= 2
     assert sorted({f for recipe in RECIPES for f in recipe} | set(MODIFIERS)) == shipped
 

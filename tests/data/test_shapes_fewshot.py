@@ -82,6 +82,7 @@ def test_last_caption_is_revealed_by_earlier_pairs(text_only):
         earlier = {colour for shown in read[:-1] for _, colour, _ in shown}
         assert {colour for _, colour, _ in read[-1]} <= earlier, texts
         assert meta["revealed"][-1] and not meta["revealed"][0]
+        assert all(1 <= len(scene["shapes"]) <= shapes_fewshot.MAX_SHAPES for scene in meta["scenes"])
         assert {colour for shown in read for _, colour, _ in shown} <= set(rule["colour"])
         assert 0 < meta["chance"] <= 1 / 30
     assert {s["json"]["shots"] for s in documents[:200]} == set(range(1, MAX_SHOTS + 1))

@@ -1,8 +1,8 @@
 """Few-shot shapes: documents whose captions follow a rule that only the document reveals.
 
 Each document draws its own rule: 2-4 of the 6 colours, each named by a made-up word of two
-syllables ("keti", "zuho"), and captions its images, which use only those colours, with the
-shapes template in those words:
+syllables ("keti", "zuho"), and captions its images (1-2 shapes each, of those colours only) with
+the shapes template in those words:
 
     <|image|> a large keti circle.\\n <|image|> a small weni square left of a large keti circle.\\n ...
     <|image|> a small keti triangle.\\n
@@ -13,11 +13,15 @@ only by reading the earlier pairs (the demonstrations, 1-8 per document; their s
 with shapes recoloured where needed to show the query's colours). The "fast mapping" of Frozen
 and Flamingo ("this is a dax"): a new word bound to what a picture shows, then used.
 
-Why colours only, and few of them: kinds keep their real words, so the vision tower learns to see
-them from every caption; colours need no learning to be seen. What the model must learn is the
-binding itself, and 2-4 colours per document make each word recur (bursty documents, which make
-in-context learning emerge sooner). Renaming the kinds too, with all 6 colours, left a 2-layer
-model without any copying after 1200 steps. Holding out whole words (syllable pairs never seen in
+Why colours only, few of them, and 1-2 shapes: kinds keep their real words, so the vision tower
+learns to see them from every caption; colours need no learning to be seen. What the model must
+learn is the binding itself, and 2-4 colours per document make each word recur (bursty documents,
+which make in-context learning emerge sooner). Renaming the kinds too, with all 6 colours, left a
+2-layer model without any copying after 1200 steps. With 1-3 shapes per image (the other
+variants' scenes) the recipe's LLaVA learned to copy a word's second syllable by step 2000 but
+still picked its first one no better than among the document's words: binding the j-th word to
+the j-th shape is the hard part, and with at most 2 shapes there is less of it to learn (and fewer
+words in a query caption to get all right). Holding out whole words (syllable pairs never seen in
 training) failed too: the model learned which syllable follows which and would not write a new
 pair even when the document showed it (2-5 % of held-out second syllables right, 48 % in training).
 
@@ -53,6 +57,7 @@ from vlm.data.shapes import (COLOURS, KINDS, SIZES, Scene, caption, encode_png, 
 SYLLABLES = ("bu", "de", "gi", "ho", "ju", "ke", "me", "ni", "po", "su", "ti", "vo", "we", "ye", "zu")
 MAX_SHOTS = 8  # demonstrations per written document: 1..MAX_SHOTS, uniformly
 MIN_COLOURS, MAX_COLOURS = 2, 4  # colours (and so made-up words) per document, uniformly
+MAX_SHAPES = 2  # shapes per image: 1..MAX_SHAPES, uniformly
 
 
 def _held_out_colour(first: int, second: int) -> str:
@@ -115,13 +120,13 @@ def _demonstration_shapes(rng: random.Random, shots: int, query: Scene, colours:
                           cover: bool) -> list[list[tuple]]:
     """Random `(kind, colour, size)` lists of the document's colours for `shots` images; with
     `cover`, together they show every colour of the query (random shapes recoloured, a shape
-    added to an image of fewer than 3 when the images hold too few)."""
-    demos = [random_shapes(rng, rng.randint(1, 3), colours) for _ in range(shots)]
+    added to an image of fewer than `MAX_SHAPES` when the images hold too few)."""
+    demos = [random_shapes(rng, rng.randint(1, MAX_SHAPES), colours) for _ in range(shots)]
     if not cover or not shots:
         return demos
     needed = list(dict.fromkeys(s.colour for s in query.shapes))
     while sum(map(len, demos)) < len(needed):
-        demos[rng.choice([d for d, shapes in enumerate(demos) if len(shapes) < 3])] += random_shapes(rng, 1, colours)
+        demos[rng.choice([d for d, shapes in enumerate(demos) if len(shapes) < MAX_SHAPES])] += random_shapes(rng, 1, colours)
     slots = [(d, j) for d, shapes in enumerate(demos) for j in range(len(shapes))]
     pinned: set[tuple[int, int]] = set()  # slots showing a needed colour, kept from now on
     for colour in needed:
@@ -151,7 +156,7 @@ def fewshot_document(rng: random.Random, *, image_size: int = 64, held_out: bool
     """
     rule = sample_rule(rng, held_out=held_out)
     colours = list(rule["colour"])
-    query = place_shapes(rng, random_shapes(rng, rng.randint(1, 3), colours), image_size)
+    query = place_shapes(rng, random_shapes(rng, rng.randint(1, MAX_SHAPES), colours), image_size)
     written_shots, demo_seed = rng.randint(1, MAX_SHOTS), rng.getrandbits(64)
     shots = written_shots if shots is None else shots
     if shots < 0:

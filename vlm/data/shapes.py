@@ -102,7 +102,8 @@ def sample_scene(rng: random.Random, size: int = 64) -> Scene:
     return place_shapes(rng, random_shapes(rng, rng.randint(1, 3)), size)
 
 
-def random_shapes(rng: random.Random, count: int, colours: Sequence[str] = tuple(COLOURS)) -> list[tuple[str, str, str]]:
+def random_shapes(rng: random.Random, count: int,
+                  colours: Sequence[str] = tuple(COLOURS)) -> list[tuple[str, str, str]]:
     """`count` random `(kind, colour, size)` triples, colours drawn from `colours`."""
     return [(rng.choice(KINDS), rng.choice(colours), rng.choice(SIZES)) for _ in range(count)]
 

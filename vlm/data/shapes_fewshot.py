@@ -62,7 +62,7 @@ MAX_SHAPES = 2  # shapes per image: 1..MAX_SHAPES, uniformly
 
 def _held_out_colour(first: int, second: int) -> str:
     # The one colour a word may name in held-out documents, and never in training documents: every
-    # first syllable has 2-3 endings for each colour, so neither syllable hints at the colour.
+    # first syllable has 1-3 endings for each colour, so neither syllable hints at the colour.
     return tuple(COLOURS)[(first + second) % len(COLOURS)]
 
 
@@ -83,7 +83,8 @@ def word_pool(colour: str, *, held_out: bool) -> tuple[str, ...]:
 def sample_rule(rng: random.Random, *, held_out: bool) -> dict[str, dict[str, str]]:
     """`{"colour": {real: word}}` for 2-4 colours (in `COLOURS` order): words of the split with
     different first syllables, so that a word's first token names it within the document."""
-    colours = sorted(rng.sample(list(COLOURS), rng.randint(MIN_COLOURS, MAX_COLOURS)), key=list(COLOURS).index)
+    colours = sorted(rng.sample(list(COLOURS), rng.randint(MIN_COLOURS, MAX_COLOURS)),
+                     key=list(COLOURS).index)
     firsts = rng.sample(range(len(SYLLABLES)), len(colours))
     words = [SYLLABLES[i] + SYLLABLES[rng.choice(_endings(c, held_out)[i])] for c, i in zip(colours, firsts)]
     return {"colour": dict(zip(colours, words))}
@@ -104,7 +105,8 @@ def read_caption(text: str, rule: dict[str, dict[str, str]]) -> list[tuple[str, 
     described = []
     for phrase in body[:-1].split(" left of "):
         words = phrase.split()
-        if len(words) != 4 or words[0] != "a" or words[1] not in SIZES or words[2] not in colours or words[3] not in KINDS:
+        if (len(words) != 4 or words[0] != "a" or words[1] not in SIZES
+                or words[2] not in colours or words[3] not in KINDS):
             raise ValueError(f"not a phrase of this document's rule: {phrase!r} in {text!r}")
         described.append((words[1], colours[words[2]], words[3]))
     return described
@@ -113,7 +115,8 @@ def read_caption(text: str, rule: dict[str, dict[str, str]]) -> list[tuple[str, 
 def chance_exact_match(scene: Scene, *, held_out: bool = True) -> float:
     """Exact-match probability without the rule: the image read perfectly, the template known, and
     for each colour of the caption a word drawn from those that may name it in the split."""
-    return 1.0 / math.prod(len(word_pool(colour, held_out=held_out)) for colour in {s.colour for s in scene.shapes})
+    colours = {s.colour for s in scene.shapes}
+    return 1.0 / math.prod(len(word_pool(colour, held_out=held_out)) for colour in colours)
 
 
 def _demonstration_shapes(rng: random.Random, shots: int, query: Scene, colours: list[str],
@@ -126,7 +129,8 @@ def _demonstration_shapes(rng: random.Random, shots: int, query: Scene, colours:
         return demos
     needed = list(dict.fromkeys(s.colour for s in query.shapes))
     while sum(map(len, demos)) < len(needed):
-        demos[rng.choice([d for d, shapes in enumerate(demos) if len(shapes) < MAX_SHAPES])] += random_shapes(rng, 1, colours)
+        roomy = [d for d, shapes in enumerate(demos) if len(shapes) < MAX_SHAPES]
+        demos[rng.choice(roomy)] += random_shapes(rng, 1, colours)
     slots = [(d, j) for d, shapes in enumerate(demos) for j in range(len(shapes))]
     pinned: set[tuple[int, int]] = set()  # slots showing a needed colour, kept from now on
     for colour in needed:

@@ -18,3 +18,16 @@ def tokenizer(tmp_path_factory):
     corpus = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     corpus.write_text(CORPUS)
     return Tokenizer.train([corpus], 300, show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, tokenizer):
+    """The tiny LLaVA model (tests/tiny_models.py) exported with the session tokenizer: a `--model`
+    directory for the commands (shared: tests write their reports elsewhere, with --out)."""
+    from tiny_models import tiny_model_for
+
+    from vlm.export import save_model
+
+    path = tmp_path_factory.mktemp("model") / "llava"
+    save_model(tiny_model_for(tokenizer), path, tokenizer=tokenizer)
+    return path

@@ -23,12 +23,6 @@ def shards(tmp_path_factory):
     return out / "caption"
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("model") / "llava"
-    save_model(tiny_model_for(tokenizer), path, tokenizer=tokenizer)
-    return path
-
 
 @pytest.fixture(scope="module")
 def index_dir(shards, model_dir, tmp_path_factory):

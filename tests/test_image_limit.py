@@ -9,14 +9,12 @@ import zlib
 
 import pytest
 from PIL import Image
-from tiny_models import tiny_model_for
 
 from vlm import caption
 from vlm.cli import main as vlm_main
 from vlm.data import convert, decode
 from vlm.data.decode import DEFAULT_MAX_PIXELS, SampleError, decode_sample, iter_shard_samples
 from vlm.data.pipeline import PipelineConfig
-from vlm.export import save_model
 
 # 20000 x 20000 is over Pillow's own bomb limit (179 MP) too: our limit and wording must still be the ones shown
 SIZES = [(20000, 20000), (5000, 4000)]
@@ -44,12 +42,6 @@ def write_shard(path, samples: dict[str, dict[str, bytes]]) -> str:
                 tar.addfile(info, io.BytesIO(data))
     return str(path)
 
-
-@pytest.fixture(scope="module")
-def model_dir(tokenizer, tmp_path_factory):  # noqa: F811
-    path = tmp_path_factory.mktemp("model") / "model"
-    save_model(tiny_model_for(tokenizer), path, tokenizer=tokenizer)
-    return path
 
 
 @pytest.mark.parametrize("width,height", SIZES)

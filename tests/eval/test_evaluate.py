@@ -4,7 +4,6 @@ import json
 from collections import Counter
 
 import pytest
-from tiny_models import tiny_model_for
 
 from vlm.caption import Captioner
 from vlm.cli import main
@@ -12,7 +11,6 @@ from vlm.data.shapes import make_shapes_dataset
 from vlm.eval.baselines import most_frequent_caption
 from vlm.eval.evaluate import caption_examples, evaluate
 from vlm.eval.metrics import caption_metrics
-from vlm.export import save_model
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +50,6 @@ def test_scores_and_counts(shards):
     assert list(caption_examples(sorted((shards / "chat").glob("val-*.tar")), skipped=skipped)) == []
     assert skipped == {"not a caption sample (chat)": 12}
 
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("model") / "model"
-    save_model(tiny_model_for(tokenizer), path, tokenizer=tokenizer)
-    return path
 
 
 def test_cli_writes_report_and_grid(shards, model_dir, tmp_path, capsys):

@@ -7,7 +7,6 @@ import statistics
 import pytest
 import torch
 from PIL import Image
-from tiny_models import tiny_model_for
 
 from vlm.caption import Captioner
 from vlm.cli import main
@@ -18,7 +17,7 @@ from vlm.eval.baselines import embed_images
 from vlm.eval.fewshot import FewShotPlan, fewshot_evaluate, random_choices, rices_choices
 from vlm.eval.hallucination import hallucination_metrics
 from vlm.eval.metrics import caption_metrics
-from vlm.export import load_model, save_model
+from vlm.export import load_model
 from vlm.retrieval import Demonstration, Entry, Index, build_index
 
 
@@ -28,12 +27,6 @@ def shards(tmp_path_factory):
     make_shapes_dataset(out, train=16, val=6, seed=2, workers=0, variants=["caption"], shard_size=10)
     return out / "caption"  # train-000000.tar (10 samples), train-000001.tar (6), val-000000.tar
 
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("model") / "llava"
-    save_model(tiny_model_for(tokenizer), path, tokenizer=tokenizer)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +153,8 @@ def test_cli_shots_end_to_end(shards, model_dir, index_dir, train, tmp_path, cap
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--shots", "0", "2"], "--shots needs --demos TRAIN_SHARDS"),
+    (["--shots", "0", "2"], "sample 'val_00000000' is not a shapes few-shot document"),
+    (["--shots", "2", "--select", "random"], "--select and --index choose demonstrations from --demos"),
     (["--shots", "2", "--demos", "{train}", "--select", "rices"], "--select rices needs --index INDEX"),
     (["--shots", "2", "--demos", "{train}", "--index", "{index}"], "--index is used by --select rices only"),
     (["--select", "random"], "options of few-shot evaluation; add --shots"),

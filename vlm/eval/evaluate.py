@@ -13,7 +13,9 @@ vlm.eval.hallucination), with the attribute of each wrong caption in its sample 
 With `--shots 0 4 8 --demos TRAIN_SHARDS [--select random rices --index INDEX] [--seeds 3]` the
 model is evaluated few-shot instead, by the OpenFlamingo protocol (vlm.eval.fewshot): report.json
 holds mean and std over seeds per selection method and shot count, and shots.png plots exact match
-and CIDEr-D against shots. With `--retrieve INDEX [-k 4] [--retrieve-mode pairs|captions]` every
+and CIDEr-D against shots. Without --demos, `--data` holds shapes few-shot documents (vlm data
+shapes --variants fewshot) and each query is captioned after k demonstrations of its own document's
+rule (vlm.eval.episodes), with the chance rate in the report and the plot. With `--retrieve INDEX [-k 4] [--retrieve-mode pairs|captions]` every
 image is captioned after the k most similar index entries (never itself), and each sample of the
 report lists them as its "sources".
 
@@ -43,6 +45,7 @@ from vlm.data.features import FeatureStore
 from vlm.data.pipeline import expand_shards
 from vlm.errors import UserError
 from vlm.eval.baselines import embed_images, most_frequent_caption, nearest_neighbours, pool_tokens
+from vlm.eval.episodes import episode_evaluate
 from vlm.eval.fewshot import (RetrieveOptions, add_arguments, fewshot_evaluate, fewshot_plan, print_fewshot_summary,
                               retrieve_options, write_fewshot_report)
 from vlm.eval.grid import caption_grid
@@ -285,7 +288,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.features and not args.baselines:
             raise UserError("--features is only used by the retrieval baseline; add --baselines --train TRAIN_SHARDS")
         captioner = Captioner.from_directory(args.model)
-        if plan is not None:
+        if plan is not None and not plan.demos:  # shapes few-shot documents, each with its own demonstrations
+            report = episode_evaluate(captioner, shards, plan.shots, seeds=plan.seeds, limit=args.limit,
+                                      batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, search=search)
+        elif plan is not None:
             report = fewshot_evaluate(captioner, shards, plan, limit=args.limit, batch_size=args.batch_size,
                                       max_new_tokens=args.max_new_tokens, search=search)
         else:

@@ -247,6 +247,8 @@ def write_fewshot_report(report: dict, out: str | Path) -> tuple[Path, Path]:
     panels = [(title, [Series(method, [by_shots[str(k)]["mean"][name] for k in shots],
                               [by_shots[str(k)]["std"][name] for k in shots]) for method, by_shots in results.items()])
               for name, title in PLOTTED.items()]
+    if "chance" in report["fewshot"]:  # a horizontal line under the exact-match panel's methods
+        panels[0][1].append(Series("chance", [report["fewshot"]["chance"]] * len(shots), [0.0] * len(shots)))
     line_chart(panels, shots, x_label="shots").save(png_path)
     return json_path, png_path
 
@@ -255,9 +257,12 @@ def print_fewshot_summary(report: dict) -> None:
     """A table of mean +- std per method and shot count."""
     fewshot = report["fewshot"]
     first = next(iter(next(iter(fewshot["results"].values())).values()))
-    names = {**PLOTTED, **({"hallucination_rate": "hallucination"} if "hallucination_rate" in first["mean"] else {})}
-    print(f"{report['images']} images, demonstrations from {fewshot['demonstration_pool']} training images "
-          f"(mean +- std over runs; random: {report['settings']['seeds']} seed(s)):")
+    extra = {"hallucination_rate": "hallucination", "malformed": "malformed"}
+    names = {**PLOTTED, **{name: title for name, title in extra.items() if name in first["mean"]}}
+    source = (f"demonstrations from {fewshot['demonstration_pool']} training images" if fewshot["demonstration_pool"]
+              else f"demonstrations from each document's own rule; chance exact match {fewshot['chance']:.3f}")
+    print(f"{report['images']} images, {source} (mean +- std over runs; random: {report['settings']['seeds']} "
+          "seed(s)):")
     print(f"  {'select':<8}{'shots':>6}" + "".join(f"{title:>20}" for title in names.values()))
     for method, by_shots in fewshot["results"].items():
         for k, result in by_shots.items():
@@ -275,7 +280,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="how demonstrations are chosen, one or more (default: random)")
     shots.add_argument("--seeds", type=int, default=None, metavar="N", help="random selection's seeds (default 3)")
     shots.add_argument("--demos", nargs="+", default=None, metavar="TRAIN_SHARDS",
-                       help="training caption shards the demonstrations come from (paths or globs)")
+                       help="training caption shards the demonstrations come from (paths or globs); without it, "
+                            "--data must be shapes few-shot documents, each captioned after its own demonstrations")
     shots.add_argument("--index", default=None, metavar="INDEX",
                        help="for --select rices: an index over the --demos shards (vlm index build)")
     retrieve = parser.add_argument_group("retrieval-augmented captioning")
@@ -300,8 +306,9 @@ def fewshot_plan(args: argparse.Namespace) -> FewShotPlan | None:
         raise UserError("--shots is its own protocol: drop --baselines and --retrieve (they score the plain "
                         "caption prompt)")
     select = tuple(dict.fromkeys(args.select or ["random"]))
-    if max(args.shots) > 0 and not args.demos:
-        raise UserError("--shots needs --demos TRAIN_SHARDS: the training caption shards demonstrations come from")
+    if not args.demos and (args.select or args.index):
+        raise UserError("--select and --index choose demonstrations from --demos TRAIN_SHARDS; without --demos, "
+                        "--shots evaluates shapes few-shot documents with their own demonstrations")
     if "rices" in select and not args.index:
         raise UserError("--select rices needs --index INDEX: an index over the --demos shards (vlm index build)")
     if args.index and "rices" not in select:

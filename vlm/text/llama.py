@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlm.text.loss import fused_linear_cross_entropy, shift_labels
+from vlm.text.moe import Experts, MoEConfig, MoEFeedForward
 from vlm.text.rope import RopeScaling, apply_rope, inverse_frequencies, rope_cos_sin
 
 
@@ -33,12 +34,15 @@ class LlamaConfig:
     max_seq_len: int = 2048
     tie_embeddings: bool = False
     dropout: float = 0.0  # residual dropout in training (see DecoderLayer); 0 = none
+    moe: MoEConfig | None = None  # Mixture-of-Experts feed-forwards (vlm.text.moe); None = all dense
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if isinstance(self.rope_scaling, dict):
             self.rope_scaling = RopeScaling(**self.rope_scaling)
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig.from_dict(self.moe)
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"LlamaConfig.{name} must be positive, got {getattr(self, name)}")
@@ -181,6 +185,16 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+def feed_forward(config: LlamaConfig, layer_idx: int) -> nn.Module:
+    """The dense SwiGLU, or an MoE feed-forward where `config.moe` makes layer `layer_idx` one."""
+    moe = config.moe
+    if moe is None or not moe.is_moe_layer(layer_idx):
+        return FeedForward(config.dim, config.hidden_dim)
+    hidden = moe.expert_hidden_dim or config.hidden_dim
+    shared = FeedForward(config.dim, hidden * moe.shared_experts) if moe.shared_experts else None
+    return MoEFeedForward(config.dim, moe, hidden_dim=hidden, shared=shared)
+
+
 class DecoderLayer(nn.Module):
     """Pre-norm block: h + drop(attention(norm(h))), then h + drop(feed_forward(norm(h))).
 
@@ -194,7 +208,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: LlamaConfig, layer_idx: int) -> None:
         super().__init__()
         self.attention = Attention(config.dim, config.n_heads, config.n_kv_heads, layer_idx=layer_idx)
-        self.feed_forward = FeedForward(config.dim, config.hidden_dim)
+        self.feed_forward = feed_forward(config, layer_idx)
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.residual_dropout = nn.Dropout(config.dropout)  # stateless: used for both branches
@@ -223,6 +237,8 @@ class Llama(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
+            elif isinstance(module, Experts):
+                module.reset_parameters(std)
 
     def new_cache(self, batch_size: int, max_len: int) -> Cache:
         """A KV cache for `batch_size` rows of up to `max_len` positions (memory taken at first use)."""

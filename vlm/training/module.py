@@ -16,6 +16,7 @@ from vlm.eval.metrics import caption_metrics
 from vlm.model import VisionLanguageModel, VLMConfig, build_model, is_sharded
 from vlm.objectives import PreferenceOutput
 from vlm.stages import set_trainable
+from vlm.text.moe import moe_statistics, pop_aux_loss, update_expert_biases
 from vlm.training.lora import CHECKPOINT_KEY as LORA_KEY
 from vlm.training.lora import LoRARun, LoRASettings, is_lora_checkpoint, lora_settings, model_from_lora_checkpoint
 from vlm.training.optim import OptimConfig, build_optimizer
@@ -213,6 +214,10 @@ class VLMModule(L.LightningModule):
             loss, metrics, rows = out.loss, out.metrics(), batch.pairs
         else:
             loss = self.model(batch, return_logits=False, label_smoothing=self.label_smoothing).loss
+        aux = pop_aux_loss(self.model)  # MoE balancing and router z-losses of this forward
+        if aux is not None:
+            self.log("train/moe/aux_loss", aux.detach(), batch_size=rows)
+            loss = loss + aux
         finite = bool(torch.isfinite(loss))
         finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
         if not finite:
@@ -223,6 +228,8 @@ class VLMModule(L.LightningModule):
             self.log(f"train/{name}", value, prog_bar=name == "rewards/accuracies", batch_size=rows)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=False)
         self.log("train/target_tokens", float(tokens), reduce_fx="sum")
+        for name, value in moe_statistics(self.model).items():  # expert loads, dropped share, bias spread
+            self.log(f"train/{name}", value, batch_size=rows)
         return loss
 
     def _sft_rows(self, batch: Any) -> Any:
@@ -330,6 +337,8 @@ class VLMModule(L.LightningModule):
     def configure_optimizers(self):
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
         optimizer, scheduler = build_optimizer(self.model, self.optim, total)
+        # MoE bias balancing moves its biases after each optimizer step, by the loads routed since.
+        optimizer.register_step_post_hook(lambda *_: update_expert_biases(self.model))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 

@@ -1,5 +1,6 @@
 """The Hugging Face layout: `config.json` + `model.safetensors` (or shards listed in
-`model.safetensors.index.json`). Same rotary layout as ours; only names differ."""
+`model.safetensors.index.json`). Same rotary layout as ours; only names differ. `model_type`
+`mixtral` is a Llama with MoE feed-forwards (`vlm.checkpoints.mixtral` maps those)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vlm.checkpoints.common import _read_json, _require
+from vlm.checkpoints.mixtral import mixtral_to_ours, moe_from_mixtral, moe_to_mixtral, ours_to_mixtral
 from vlm.text.llama import Llama, LlamaConfig
 from vlm.text.rope import RopeScaling
 
@@ -50,6 +52,7 @@ def hf_to_ours(name: str) -> str:
 # --- configs ---------------------------------------------------------------------------------
 
 _HF_REQUIRED = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "intermediate_size")
+_DEFAULT_THETA = {"llama": 10000.0, "mixtral": 1000000.0}  # transformers' defaults when config.json has none
 _HF_LLAMA3_ROPE_REQUIRED = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
@@ -57,8 +60,9 @@ def config_from_hf(hf: dict, *, source: str = "config.json") -> LlamaConfig:
     """A LlamaConfig from a Hugging Face `config.json` dict; UserError naming `source` and the missing
     keys when it lacks one that has no default."""
     _require(hf, _HF_REQUIRED, source)
-    if hf.get("model_type", "llama") != "llama":
-        raise ValueError(f"{source}: model_type {hf.get('model_type')!r} is not 'llama'")
+    model_type = hf.get("model_type", "llama")
+    if model_type not in ("llama", "mixtral"):
+        raise ValueError(f"{source}: model_type {model_type!r} is not 'llama' or 'mixtral'")
     dim, n_heads = hf["hidden_size"], hf["num_attention_heads"]
     if hf.get("head_dim") not in (None, dim // n_heads):
         raise ValueError(f"{source}: head_dim {hf['head_dim']} != hidden_size / num_attention_heads is not supported")
@@ -72,10 +76,11 @@ def config_from_hf(hf: dict, *, source: str = "config.json") -> LlamaConfig:
         vocab_size=hf["vocab_size"],
         hidden_dim=hf["intermediate_size"],
         norm_eps=hf.get("rms_norm_eps", 1e-6),
-        rope_theta=hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+        rope_theta=hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", _DEFAULT_THETA[model_type])),
         rope_scaling=_rope_scaling_from_hf(hf, source),
         max_seq_len=hf.get("max_position_embeddings", 2048),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        moe=moe_from_mixtral(hf, n_layers=hf["num_hidden_layers"], source=source) if model_type == "mixtral" else None,
     )
 
 
@@ -100,6 +105,7 @@ def config_to_hf(config: LlamaConfig, *, dtype: torch.dtype = torch.float32) -> 
     rope = None
     if config.rope_scaling is not None:
         rope = {"rope_type": "llama3", **vars(config.rope_scaling)}
+    moe = {} if config.moe is None else moe_to_mixtral(config.moe, hidden_dim=config.hidden_dim, n_layers=config.n_layers)
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -119,6 +125,7 @@ def config_to_hf(config: LlamaConfig, *, dtype: torch.dtype = torch.float32) -> 
         "attention_bias": False,
         "mlp_bias": False,
         "torch_dtype": str(dtype).removeprefix("torch."),
+        **moe,
     }
 
 
@@ -136,18 +143,26 @@ def _read_hf(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
         raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
     # Non-persistent rotary buffers that old exports sometimes contain.
     raw = {k: v for k, v in raw.items() if not k.endswith("rotary_emb.inv_freq")}
-    return config, {hf_to_ours(k): v for k, v in raw.items()}
+    state: dict[str, torch.Tensor] = {}
+    if config.moe is not None:
+        state, raw = mixtral_to_ours(raw, num_experts=config.moe.num_experts, source=str(path))
+    return config, state | {hf_to_ours(k): v for k, v in raw.items()}
 
 
 def save_llama_hf(model: Llama, path: str | Path, *, max_shard_bytes: int = 5 * 2**30) -> None:
-    """Write a directory that `transformers.LlamaForCausalLM.from_pretrained` loads."""
+    """Write a directory that `transformers.LlamaForCausalLM.from_pretrained` loads (an MoE model:
+    `MixtralForCausalLM`, per-expert layout)."""
     path = Path(path)
+    config = config_to_hf(model.config)  # refuses an MoE config Mixtral cannot hold, before any write
     path.mkdir(parents=True, exist_ok=True)
-    state = {ours_to_hf(k): v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state, rest = ours_to_mixtral(model.state_dict()) if model.config.moe is not None else ({}, model.state_dict())
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    state |= {ours_to_hf(k): v.detach().cpu().contiguous() for k, v in rest.items()}
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)
     dtype = next(iter(state.values())).dtype
-    (path / "config.json").write_text(json.dumps(config_to_hf(model.config, dtype=dtype), indent=2) + "\n")
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     shards = _split_by_size(state, max_shard_bytes)
     if len(shards) == 1:
         save_file(shards[0], path / "model.safetensors", metadata={"format": "pt"})

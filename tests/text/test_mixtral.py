@@ -1,0 +1,96 @@
+"""Mixtral checkpoints: transformers' MixtralForCausalLM, both of its file layouts, against our MoE
+Llama (same weights -> same logits, fp32), and our export read back by both."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+transformers = pytest.importorskip("transformers")
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+from vlm.checkpoints import load_llama, save_llama_hf
+from vlm.errors import UserError
+from vlm.text.llama import Llama
+from vlm.text.moe import switch_loss
+
+VOCAB = 211
+
+
+def make_hf(seed: int = 0, **options):
+    torch.manual_seed(seed)
+    config = transformers.MixtralConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
+        rms_norm_eps=1e-5, **options)
+    model = transformers.MixtralForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:  # norms away from 1 so that a mis-mapped norm cannot pass
+                p.uniform_(0.5, 1.5)
+            elif "gate.weight" in name:  # decisive routing: a swapped expert changes the logits
+                p.normal_(0, 0.5)
+    return model
+
+
+def kl(ref_logits, logits):
+    return F.kl_div(logits.log_softmax(-1), ref_logits.log_softmax(-1), log_target=True, reduction="batchmean")
+
+
+IDS = torch.randint(0, VOCAB, (3, 40), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("layout", ["per_expert", "fused"])
+def test_logits_match_transformers_mixtral(tmp_path, layout):
+    hf = make_hf()
+    hf.save_pretrained(tmp_path, save_original_format=layout == "per_expert")
+    names = set(load_file(tmp_path / "model.safetensors"))
+    marker = "block_sparse_moe.experts.3.w2.weight" if layout == "per_expert" else "mlp.experts.gate_up_proj"
+    assert any(name.endswith(marker) for name in names), sorted(names)[:8]
+    ours = load_llama(tmp_path).eval()
+    assert ours.config.moe.num_experts == 4 and ours.config.moe.top_k == 2 and ours.config.rope_theta == 1e6
+    with torch.no_grad():
+        ref, got = hf(IDS).logits, ours(IDS)
+    assert kl(ref, got) < 1e-6
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_export_round_trip_is_exact(tmp_path):
+    hf = make_hf(seed=3)
+    hf.save_pretrained(tmp_path / "hf")
+    ours = load_llama(tmp_path / "hf")
+    save_llama_hf(ours, tmp_path / "ours")
+    original, written = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "ours" / "model.safetensors")
+    assert set(original) == set(written)
+    assert all(torch.equal(original[k], written[k]) for k in original)
+    again = load_llama(tmp_path / "ours")
+    assert again.config == ours.config
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), again.state_dict().values()))
+    reloaded = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    assert reloaded.config.router_aux_loss_coef == pytest.approx(hf.config.router_aux_loss_coef)
+    with torch.no_grad():
+        assert torch.equal(reloaded(IDS).logits, hf(IDS).logits)
+
+
+def test_switch_loss_is_mixtral_loss_over_k():
+    """transformers counts each of the k choices of a token: k times our loss at one layer."""
+    logits = torch.randn(50, 4, generator=torch.Generator().manual_seed(0))
+    scores = logits.softmax(-1)
+    counts = torch.bincount(scores.topk(2, dim=-1).indices.reshape(-1), minlength=4)
+    theirs = load_balancing_loss_func((logits,), num_experts=4, top_k=2)
+    torch.testing.assert_close(2 * switch_loss(scores, counts, 2), theirs, atol=1e-6, rtol=1e-6)
+
+
+def test_export_refuses_what_mixtral_cannot_hold(tmp_path):
+    config = dataclasses.replace(load_config(), moe={"num_experts": 4, "top_k": 2, "balance": "bias", "shared_experts": 1})
+    with pytest.raises(UserError, match=r"no Mixtral equivalent: .*shared_experts 1 .*balance 'bias'"):
+        save_llama_hf(Llama(config), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def load_config():
+    from vlm.text.llama import LlamaConfig
+
+    return LlamaConfig(dim=32, n_layers=2, n_heads=4, vocab_size=64, hidden_dim=48)

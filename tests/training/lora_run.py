@@ -1,17 +1,25 @@
 """Run by tests/training/test_lora.py as a subprocess; Lightning starts the second rank by running
 it again (with LOCAL_RANK set).
 
-LoRA training of a tiny flamingo model (DoRA adapters on text and fusion linears, stage align) on
-fixed global batches, each rank taking its slice; validation and checkpoints every --every steps.
-Three runs, each writing losses_rank{r}.json, val_rank{r}.json and checkpoints/ under --out/<name>:
+Two variants on fixed global batches, each rank taking its slice; validation and checkpoints every
+--every steps:
+- `lora`: a tiny flamingo model, DoRA adapters on text and fusion linears (stage align);
+- `qlora`: a tiny llava model whose feed-forward linears (512 x 64, two NF4 scale groups each, so
+  their NF4 bases shard over 2 ranks) get adapters on NF4 bases (stage align).
+Three runs of each, each writing losses_rank{r}.json, val_rank{r}.json and checkpoints/ under
+--out/<variant>/<name>:
 - `one`: one process, plain Lightning (in the launching process, before the second rank starts);
 - `two`: 2 ranks under the strategy and activation checkpointing of configs/strategy/fsdp2.yaml
   (sharded checkpoint directories);
 - `resumed`: the same 2 ranks again, resuming `two`'s step-`every` checkpoint.
+val_rank{r}.json also holds, per training step and per validation batch, how many times FSDP2
+all-gathered an NF4 base (torchao's `NF4Tensor.fsdp_pre_all_gather` calls), and the local shards of
+the NF4 bases after training (their class and shape).
 """
 
 import argparse
 import dataclasses
+import functools
 import importlib
 import json
 import os
@@ -32,12 +40,18 @@ from vlm.training.module import VLMModule  # noqa: E402
 from vlm.training.optim import OptimConfig  # noqa: E402
 
 GLOBAL_BATCH = 8
-LORA = {"rank": 4, "alpha": 8, "use_dora": True, "parts": ["text", "fusion"],
-        "targets": ["text.*.attention.wq", "text.*.attention.wv", "text.*.feed_forward.w2", "fusion.blocks.*.to_q"]}
+VARIANTS = {
+    "lora": ("flamingo", {}, {"rank": 4, "alpha": 8, "use_dora": True, "parts": ["text", "fusion"],
+                              "targets": ["text.*.attention.wq", "text.*.attention.wv", "text.*.feed_forward.w2",
+                                          "fusion.blocks.*.to_q"]}),
+    "qlora": ("llava", {"hidden_dim": 512}, {"rank": 4, "alpha": 8, "parts": ["text"], "quantize_base": "nf4",
+                                             "targets": ["text.*.feed_forward.*"]}),
+}
 
 
 @dataclasses.dataclass
 class Run:
+    variant: str
     steps: int
     every: int
     devices: int = 1
@@ -55,6 +69,51 @@ def global_batches(steps: int, seed: int) -> list:
     return out
 
 
+class NF4Gathers(L.Callback):
+    """Counts NF4 all-gathers (`fsdp_pre_all_gather` of torchao's NF4Tensor, wrapped once per
+    process) during each training step (`train`) and each validation batch (`val`)."""
+
+    calls = 0
+
+    def __init__(self) -> None:
+        from torchao.quantization import NF4Tensor
+
+        original = NF4Tensor.fsdp_pre_all_gather
+        if not getattr(original, "counted", False):
+            @functools.wraps(original)  # FSDP2 reads its signature to choose how to call it
+            def counted(*args, **kwargs):
+                NF4Gathers.calls += 1
+                return original(*args, **kwargs)
+
+            counted.counted = True
+            NF4Tensor.fsdp_pre_all_gather = counted
+        self.train, self.val, self.start = [], [], 0
+
+    def on_train_batch_start(self, *args) -> None:
+        self.start = NF4Gathers.calls
+
+    def on_train_batch_end(self, *args) -> None:
+        self.train.append(NF4Gathers.calls - self.start)
+
+    def on_validation_batch_start(self, *args) -> None:
+        self.start = NF4Gathers.calls
+
+    def on_validation_batch_end(self, *args) -> None:
+        self.val.append(NF4Gathers.calls - self.start)
+
+
+def local_nf4_shards(model: torch.nn.Module) -> dict[str, list]:
+    """Adapted base name -> [class of its local tensor, its shape]."""
+    from vlm.adapters import lora_modules
+
+    shards = {}
+    for name, module in lora_modules(model).items():
+        weight = module.base.weight
+        local = weight.to_local() if hasattr(weight, "to_local") else weight
+        shards[name] = [type(local).__name__, list(local.shape)]
+    return shards
+
+
 def strategy_from_recipe() -> tuple[object, bool]:
     """configs/strategy/fsdp2.yaml's strategy and its model.activation_checkpointing."""
     recipe = yaml.safe_load((ROOT / "configs" / "strategy" / "fsdp2.yaml").read_text())
@@ -65,16 +124,19 @@ def strategy_from_recipe() -> tuple[object, bool]:
 
 def fit(run: Run, out: Path) -> None:
     strategy, checkpointing = strategy_from_recipe() if run.sharded else ("auto", False)
+    fusion, text, lora = VARIANTS[run.variant]
+    helper = tiny_model(fusion)
+    config = dataclasses.replace(helper.config, text=dataclasses.replace(helper.config.text, **text))
     torch.manual_seed(0)
-    module = VLMModule(tiny_model("flamingo").config, stage="align", lora=LORA, caption_samples=0,
+    module = VLMModule(config, stage="align", lora=lora, caption_samples=0,
                        optim=OptimConfig(lr=1e-2, warmup_steps=1), activation_checkpointing=checkpointing)
     trainer = L.Trainer(accelerator="cpu", devices=run.devices, strategy=strategy, max_steps=run.steps, logger=False,
                         val_check_interval=run.every, num_sanity_val_steps=0, enable_progress_bar=False,
                         enable_model_summary=False, use_distributed_sampler=False,
-                        callbacks=[Losses(str(out)), ModelCheckpoint(out / "checkpoints", every_n_train_steps=run.every,
+                        callbacks=[gathers := NF4Gathers(), Losses(str(out)), ModelCheckpoint(out / "checkpoints", every_n_train_steps=run.every,
                                                                      save_top_k=-1, filename="{step}")])
     rank, world = trainer.global_rank, trainer.world_size
-    helper, per_rank = tiny_model("flamingo"), GLOBAL_BATCH // world
+    per_rank = GLOBAL_BATCH // world
     mine = slice(rank * per_rank, (rank + 1) * per_rank)
 
     def loader(seed: int, steps: int, start: int = 0):
@@ -84,7 +146,9 @@ def fit(run: Run, out: Path) -> None:
     done = read_metadata(run.resume)["global_step"] if run.resume else 0  # a resumed run continues the batches
     trainer.fit(module, train_dataloaders=loader(123, run.steps, done), val_dataloaders=loader(7, 1), ckpt_path=run.resume)
     val = float(trainer.callback_metrics["val/loss"])  # the mean over ranks (sync_dist)
-    (out / f"val_rank{rank}.json").write_text(json.dumps({"val_loss": val, "table": str(module.parameter_table)}))
+    record = {"val_loss": val, "table": str(module.parameter_table), "train_gathers": gathers.train,
+              "val_gathers": gathers.val, "nf4_shards": local_nf4_shards(module.model)}
+    (out / f"val_rank{rank}.json").write_text(json.dumps(record))
 
 
 def main() -> None:
@@ -94,12 +158,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if "LOCAL_RANK" not in os.environ:  # the launching process, before there is a second rank
-        fit(Run(args.steps, args.every), args.out / "one")
-    fit(Run(args.steps, args.every, devices=2, sharded=True), args.out / "two")
-    # This process is now a launched rank: the next fit must not start another one.
-    os.environ.setdefault("LOCAL_RANK", "0")
-    checkpoint = args.out / "two" / "checkpoints" / f"step={args.every}.ckpt"
-    fit(Run(args.steps, args.every, devices=2, sharded=True, resume=checkpoint), args.out / "resumed")
+        for variant in VARIANTS:
+            fit(Run(variant, args.steps, args.every), args.out / variant / "one")
+    for variant in VARIANTS:
+        fit(Run(variant, args.steps, args.every, devices=2, sharded=True), args.out / variant / "two")
+        # This process is now a launched rank: the next fit must not start another one.
+        os.environ.setdefault("LOCAL_RANK", "0")
+        checkpoint = args.out / variant / "two" / "checkpoints" / f"step={args.every}.ckpt"
+        fit(Run(variant, args.steps, args.every, devices=2, sharded=True, resume=checkpoint), args.out / variant / "resumed")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """LoRA / QLoRA in training (`model.lora`, configs/peft/): what trains with each stage and fusion,
 one-line errors naming `model.lora.<field>`, QLoRA quantised once after the precision conversion,
 checkpoints that hold only the trained tensors and the base's identity (another base refused),
-bitwise resume after SIGKILL, `vlm export` merged and unmerged (PEFT layout), and 2 gloo ranks
-under configs/strategy/fsdp2.yaml equal to one process."""
+bitwise resume after SIGKILL, `vlm export` merged and unmerged (PEFT layout), and LoRA and QLoRA
+on 2 gloo ranks under configs/strategy/fsdp2.yaml equal to one process (QLoRA's sharding limits
+refused in one line)."""
 
+import dataclasses
 import json
 import signal
 from pathlib import Path
@@ -136,6 +138,36 @@ def test_qlora_quantises_once_after_the_precision_conversion():
         assert is_nf4(module.base.weight) and module.base.weight.dtype == torch.bfloat16
         assert torch.equal(dequantize(module.base.weight), expected[name])
     assert run.identity()["quantized_dtype"] == "bfloat16"
+
+
+def test_qlora_sharding_limits_are_refused_in_one_line():
+    """Under FSDP2 an NF4 base is split by rows and by scale groups (torchao's NF4Tensor): a weight
+    of one scale group cannot shard over 2 ranks, and one rank or tensor parallelism is refused."""
+    from lightning.pytorch.plugins.precision import Precision
+
+    def mesh(data_parallel: int, tensor_parallel: int) -> dict:
+        return {"data_parallel": SimpleNamespace(size=lambda: data_parallel),
+                "tensor_parallel": SimpleNamespace(size=lambda: tensor_parallel)}
+
+    trainer = SimpleNamespace(precision_plugin=Precision())
+    for sizes in ((1, 1), (2, 2)):
+        run = LoRARun(LoRAConfig(rank=2, targets=["text.*.attention.wq"], quantize_base="nf4"),
+                      text_checkpoint=None, init_checkpoint=None)
+        model = tiny_model("llava")
+        run.apply(model)
+        with pytest.raises(UserError, match=r"^model\.lora\.quantize_base nf4 under configs/strategy/fsdp2\.yaml needs 2"):
+            run.prepare(model, trainer, mesh(*sizes))
+    config = tiny_model("llava").config
+    model = build_model(dataclasses.replace(config, text=dataclasses.replace(config.text, hidden_dim=512)))
+    # w1: 512 x 64 = 512 NF4 blocks, 2 scale groups (shardable); wq: 64 x 64 = 64 blocks, one group
+    run = LoRARun(LoRAConfig(rank=2, targets=["text.*.feed_forward.w1", "text.layers.3.attention.wq"], quantize_base="nf4"),
+                  text_checkpoint=None, init_checkpoint=None)
+    run.apply(model)
+    with pytest.raises(UserError) as refused:
+        run.prepare(model, trainer, mesh(2, 1))
+    assert str(refused.value).startswith("model.lora.quantize_base nf4 under FSDP2 on 2 ranks: text.layers.3.attention.wq "
+                                         "([64, 64]) has 1 NF4 scale group(s)") and "\n" not in str(refused.value)
+    assert not any(is_nf4(m.base.weight) for m in lora_modules(model).values())  # every weight checked first
 
 
 # --- checkpoints -----------------------------------------------------------------------------------
@@ -302,19 +334,37 @@ def test_sigkill_resume_is_bitwise_and_the_checkpoint_exports_merged_and_as_peft
 
 @pytest.mark.slow
 def test_two_ranks_under_fsdp2_train_as_one_process_and_resume_their_sharded_checkpoint(tmp_path):
-    """lora_run.py (flamingo, DoRA adapters on text and fusion, validation and checkpoints every 3
-    steps), one launch: one process for 6 steps; 2 ranks under configs/strategy/fsdp2.yaml for the
-    same 6 steps (1e-5); the 2 ranks again from their step-3 sharded checkpoint (no frozen tensor in
-    it), bit for bit."""
+    """lora_run.py, one launch, for LoRA (flamingo, DoRA adapters on text and fusion) and QLoRA
+    (llava, adapters on NF4 feed-forward bases), validation and checkpoints every 3 steps: one
+    process for 6 steps; 2 ranks under configs/strategy/fsdp2.yaml for the same 6 steps (1e-5);
+    the 2 ranks again from their step-3 sharded checkpoint (no frozen tensor in it), bit for bit.
+    QLoRA's bases stay NF4 when sharded (half the rows per rank) and FSDP2 gathers each once per
+    forward and once per backward (activation checkpointing's recomputation gathers nothing more)."""
     run_ranks([str(Path(__file__).with_name("lora_run.py")), "--out", str(tmp_path)], cwd=tmp_path)
+    for variant in ("lora", "qlora"):
+        check_two_ranks(tmp_path / variant)
+    one, two = (json.loads((tmp_path / "qlora" / run / "val_rank0.json").read_text()) for run in ("one", "two"))
+    bases = len(one["nf4_shards"])
+    assert bases == 12 and one["train_gathers"] == [0] * 6  # 4 blocks x w1, w2, w3; one process gathers nothing
+    for name, (kind, shape) in two["nf4_shards"].items():
+        assert kind == "NF4Tensor" and shape == [one["nf4_shards"][name][1][0] // 2, one["nf4_shards"][name][1][1]]
+    assert two["train_gathers"] == [2 * bases] * 6 and two["val_gathers"] == [bases] * 2
+    from vlm.training.export import model_from_checkpoint
 
+    model, _ = model_from_checkpoint(tmp_path / "qlora" / "resumed" / "checkpoints" / "step=6.ckpt")
+    assert len(lora_modules(model)) == bases and all(is_nf4(m.base.weight) for m in lora_modules(model).values())
+
+
+def check_two_ranks(folder: Path) -> None:
+    """One variant of lora_run.py: 2 ranks = one process (1e-5), resumed = uninterrupted (bitwise),
+    the sharded checkpoint holds the trained tensors only and exports."""
     def read(run: str, what: str, ranks: int) -> list[dict]:
-        return [json.loads((tmp_path / run / f"{what}_rank{r}.json").read_text()) for r in range(ranks)]
+        return [json.loads((folder / run / f"{what}_rank{r}.json").read_text()) for r in range(ranks)]
 
     (one,), two, resumed = read("one", "losses", 1), read("two", "losses", 2), read("resumed", "losses", 2)
     assert one["steps"] == two[0]["steps"] == list(range(6)) and resumed[0]["steps"] == [3, 4, 5]
     for step, (a, b) in enumerate(zip(two[0]["losses"], two[1]["losses"])):
-        assert abs((a + b) / 2 - one["losses"][step]) <= 1e-5 * one["losses"][step], (step, one, two)
+        assert abs((a + b) / 2 - one["losses"][step]) <= 1e-5 * one["losses"][step], (folder.name, step, one, two)
     for rank in (0, 1):
         assert resumed[rank]["losses"] == two[rank]["losses"][3:]
     vals = [*read("one", "val", 1), *read("two", "val", 2), *read("resumed", "val", 2)]
@@ -325,7 +375,7 @@ def test_two_ranks_under_fsdp2_train_as_one_process_and_resume_their_sharded_che
 
     from vlm.training.export import model_from_checkpoint
 
-    sharded, plain = tmp_path / "resumed" / "checkpoints" / "step=6.ckpt", tmp_path / "one" / "checkpoints" / "step=6.ckpt"
+    sharded, plain = folder / "resumed" / "checkpoints" / "step=6.ckpt", folder / "one" / "checkpoints" / "step=6.ckpt"
     assert sorted(p.name for p in sharded.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     stored = {k for k in FileSystemReader(str(sharded)).read_metadata().state_dict_metadata if k.startswith("state_dict.")}
     model, _ = model_from_checkpoint(sharded)

@@ -109,15 +109,16 @@ class LoRARun:
         """QLoRA: the adapted bases to NF4 in their current dtype (a no-op for plain LoRA)."""
         if self.config.quantize_base != "nf4":
             return
-        for name, module in lora_modules(model).items():
+        dense = {name: module for name, module in lora_modules(model).items() if not is_nf4(module.base.weight)}
+        for name, module in dense.items():  # all checked first: a refusal leaves the model unchanged
             weight = module.base.weight
-            if is_nf4(weight):
-                continue
-            factors = weight.numel() // BLOCK_SIZE // scaler_block_size(weight.numel())
-            if data_parallel > 1 and (factors % data_parallel or weight.shape[0] % data_parallel):
+            groups = weight.numel() // BLOCK_SIZE // scaler_block_size(weight.numel())
+            if data_parallel > 1 and (groups % data_parallel or weight.shape[0] % data_parallel):
                 raise UserError(f"model.lora.quantize_base nf4 under FSDP2 on {data_parallel} ranks: {name} "
-                                f"({list(weight.shape)}) has {factors} NF4 scale group(s); sharding needs its rows and "
+                                f"({list(weight.shape)}) has {groups} NF4 scale group(s); sharding needs its rows and "
                                 f"groups divisible by {data_parallel} (leave it out of model.lora.targets)")
+        for module in dense.values():
+            weight = module.base.weight
             module.base.weight = nn.Parameter(quantize_nf4(weight), requires_grad=False)
             self.quantized_dtype = _dtype_name(weight.dtype)
 

@@ -1,4 +1,4 @@
-"""Both notebooks execute headlessly with small settings; the committed files carry no outputs;
+"""The notebooks execute headlessly with small settings; the committed files carry no outputs;
 notebook 02's parameter table counts trainable parameters only."""
 
 from pathlib import Path
@@ -16,7 +16,7 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.i
 
 
 def test_notebooks_are_committed_without_outputs():
-    assert [p.name for p in NOTEBOOKS] == ["01_captioning.ipynb", "02_swap_fusion.ipynb"]
+    assert [p.name for p in NOTEBOOKS] == ["01_captioning.ipynb", "02_swap_fusion.ipynb", "03_few_shot.ipynb"]
     for path in NOTEBOOKS:
         notebook = nbformat.read(path, as_version=4)
         for cell in notebook.cells:

@@ -44,6 +44,7 @@ from torch import nn
 from vlm.adapters import LoRALinear, adapter_state_dict, load_peft_adapter, lora_modules, save_peft_adapter, wrap_linears
 from vlm.adapters.nf4 import dequantize, is_nf4
 from vlm.checkpoints import load_llama, save_llama_hf
+from vlm.checkpoints.llava_hf import is_llava_hf, llava_config, load_llava_hf
 from vlm.fusion import build_fusion
 from vlm.model import VisionLanguageModel, VLMConfig
 from vlm.text.tokenizer import Tokenizer
@@ -266,9 +267,12 @@ def load_model(path: str | Path, *, device: str | torch.device | None = None,
     """Rebuild the model saved at `path`, in eval mode (with the adapters of an unmerged export).
 
     `dtype=None` keeps each part in the dtype it was saved in. Every missing, unexpected or
-    mis-shaped tensor is an error that names it (with both shapes).
+    mis-shaped tensor is an error that names it (with both shapes). A llava-hf directory
+    (`transformers.LlavaForConditionalGeneration`) loads too (`vlm.checkpoints.llava_hf`).
     """
     path = Path(path)
+    if is_llava_hf(path):
+        return load_llava_hf(path, device=device, dtype=dtype)
     config = read_config(path)
     text = load_llama(path / TEXT_DIR, dtype=dtype, device=device)
     _check_text_config(text.config, config, path / TEXT_DIR)
@@ -286,8 +290,11 @@ def load_model(path: str | Path, *, device: str | torch.device | None = None,
 
 def read_config(path: str | Path) -> VLMConfig:
     """The VLMConfig of a model directory, with the vision tower's weight source cleared: its
-    weights come from the directory, never from a checkpoint path or a hub download."""
+    weights come from the directory, never from a checkpoint path or a hub download. A llava-hf
+    directory's config is read as `vlm.checkpoints.llava_hf.llava_config` makes it."""
     path = Path(path)
+    if is_llava_hf(path):
+        return llava_config(path)
     file = path / CONFIG_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{path} is not a vlm model directory: {file} does not exist")

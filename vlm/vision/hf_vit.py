@@ -96,10 +96,10 @@ def _base(model: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
     family = MODEL_TYPES.get(data.get("model_type"))
     if family is None:
         raise UserError(f"{file}: vision model_type {data.get('model_type')!r} is not one of {sorted(MODEL_TYPES)}")
-    return family, dict(data), _processor_preprocess(file.parent / "preprocessor_config.json")
+    return family, dict(data), processor_preprocess(file.parent / "preprocessor_config.json")
 
 
-def _processor_preprocess(file: Path) -> dict[str, Any]:
+def processor_preprocess(file: Path) -> dict[str, Any]:
     if not file.is_file():
         return {}
     data = json.loads(file.read_text())

@@ -1,5 +1,6 @@
 """LoRA / DoRA: a fresh adapter is its base, training moves only the adapters, merging keeps the
-logits (both fusions), configs and targets fail in one line naming the field."""
+logits (both fusions), disabled adapters give the base's logits, configs and targets fail in one
+line naming the field."""
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from vlm.adapters import (
     LoRAConfig,
     LoRALinear,
     adapter_state_dict,
+    adapters_disabled,
     apply_lora,
     load_adapter_state_dict,
     lora_modules,
@@ -78,6 +80,44 @@ def test_merged_logits_equal_adapted(fusion, use_dora, randomise):
     assert set(model.state_dict()) == plain_keys
     torch.testing.assert_close(merged.logits, adapted.logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(merged.loss, adapted.loss, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fusion,use_dora,quantize", [("llava", False, None), ("flamingo", True, None),
+                                                      ("llava", False, "nf4")])
+def test_disabled_adapters_compute_the_base_model(fusion, use_dora, quantize, randomise):
+    """Inside `adapters_disabled` the adapted model (adapters trained away from zero, on linears with
+    and without bias, the fused head included) gives the un-adapted model's logits and loss; on
+    exit the adapters count again, and a graph built before the block still back-propagates."""
+    from vlm.adapters.nf4 import dequantize
+
+    model = tiny_model(fusion)
+    if fusion == "flamingo":
+        open_gates(model, 0.5)
+    config = LoRAConfig(rank=4, alpha=8, use_dora=use_dora, quantize_base=quantize, parts=["text", "vision", "fusion"],
+                        targets=["text.layers.*", "vision.*.qkv", "fusion.*"] + ([] if quantize else ["text.output"]))
+    base = tiny_model(fusion)
+    if fusion == "flamingo":
+        open_gates(base, 0.5)
+    apply_lora(model, config)
+    randomise(model)
+    if quantize:  # the base of comparison: the same NF4-rounded weights, dense
+        with torch.no_grad():
+            for name, module in lora_modules(model).items():
+                base.get_submodule(name).weight.copy_(dequantize(module.base.weight))
+    batch = batch_from(model, [[1, IMAGE_ID, 7, 8, 9], [2, 3, IMAGE_ID, 4, 11]], [images(1), images(1, seed=1)],
+                       labels=True)
+    adapted = model(batch)
+    with torch.no_grad():
+        expected = base(batch)
+        with adapters_disabled(model) as same:
+            disabled = same(batch)
+        after = model(batch)
+    torch.testing.assert_close(disabled.logits, expected.logits, atol=1e-6, rtol=0)
+    torch.testing.assert_close(disabled.loss, expected.loss, atol=1e-6, rtol=0)
+    assert (adapted.logits - expected.logits).abs().max() > 1e-2  # the adapters matter
+    assert torch.equal(after.logits, adapted.logits.detach()) and all(m.enabled for m in lora_modules(model).values())
+    adapted.loss.backward()
+    assert all(m.lora_B.grad is not None for n, m in lora_modules(model).items() if n.startswith("text."))
 
 
 def test_adapter_state_dict_round_trip(randomise):

@@ -6,6 +6,7 @@
     ...
     torch.save(adapter_state_dict(model), "adapter.pt")    # adapters only
     save_peft_adapter(model, "out/", base_model_name_or_path="meta-llama/Llama-3.2-1B")
+    with adapters_disabled(model): ...         # the base alone (e.g. DPO's reference)
     merge_lora(model)                          # plain nn.Linear again, un-adapted state-dict keys
 
 No Lightning here, and nothing about fusions: parts are top-level submodules, targets are globs.
@@ -13,6 +14,7 @@ No Lightning here, and nothing about fusions: parts are top-level submodules, ta
 
 from vlm.adapters.apply import (
     adapter_state_dict,
+    adapters_disabled,
     apply_lora,
     load_adapter_state_dict,
     lora_modules,
@@ -29,6 +31,7 @@ __all__ = [
     "LoRAConfig",
     "LoRALinear",
     "adapter_state_dict",
+    "adapters_disabled",
     "apply_lora",
     "load_adapter_state_dict",
     "load_peft_adapter",

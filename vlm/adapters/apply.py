@@ -10,7 +10,8 @@ linear is `text.layers.0.attention.wq.base` and whose adapter tensors are `...wq
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -83,6 +84,22 @@ def wrap_linears(model: nn.Module, names: Iterable[str], *, rank: int, alpha: fl
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block every LoRALinear of `model` computes its base alone, as if un-adapted
+    (PEFT's `disable_adapter`); on exit each is as it was. Tensors are not touched, so a graph
+    built before or after is unaffected. Yields `model`."""
+    modules = list(lora_modules(model).values())
+    states = [module.enabled for module in modules]
+    for module in modules:
+        module.enabled = False
+    try:
+        yield model
+    finally:
+        for module, state in zip(modules, states):
+            module.enabled = state
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:

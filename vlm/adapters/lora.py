@@ -9,7 +9,8 @@ computes exactly its base; DoRA's magnitude starts at the row norms of W, so it 
 DoRA paper (section 4.3) and PEFT, the row norm is a constant for the gradient (detached).
 
 `weight` is the effective weight (differentiable, dense), so code that reads `linear.weight` itself,
-as the fused loss does with `text.output.weight`, sees the adapted layer.
+as the fused loss does with `text.output.weight`, sees the adapted layer. With `enabled` False the
+module computes its base alone (PEFT's `disable_adapter`: DPO's reference without a second copy).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **like))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **like))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.enabled = True  # False: the base alone (`vlm.adapters.adapters_disabled`)
         self.magnitude = None
         if use_dora:
             with torch.no_grad():
@@ -69,7 +71,10 @@ class LoRALinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The effective weight [out, in]: W + s B A, rescaled per row with DoRA."""
+        """The effective weight [out, in]: W + s B A, rescaled per row with DoRA (W alone while
+        the adapter is disabled)."""
+        if not self.enabled:
+            return self.base_weight()
         combined = self.base_weight().to(self.lora_A.dtype) + self.delta()
         if self.magnitude is None:
             return combined
@@ -81,18 +86,23 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x [..., in] -> [..., out]
+        if not self.enabled:
+            return self._base_forward(x)
         dtype = self.lora_A.dtype
         update = F.linear(F.linear(self.dropout(x).to(dtype), self.lora_A), self.lora_B) * self.scaling
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.magnitude is None:
-            # torchao's F.linear on an NF4 weight dequantises it to x's dtype, but adds the bias as is.
-            if bias is not None and is_nf4(self.base.weight):
-                return F.linear(x, self.base.weight) + bias + update.to(x.dtype)
-            return self.base(x) + update.to(x.dtype)
+            return self._base_forward(x) + update.to(x.dtype)
         # DoRA scales the weight's product only, so the bias is added after the rescaling.
         scale = self._dora_scale(self.base_weight().to(dtype) + self.delta())
         out = (F.linear(x, self.base.weight) + update.to(x.dtype)) * scale.to(x.dtype)
         return out if bias is None else out + bias
+
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # torchao's F.linear on an NF4 weight dequantises it to x's dtype, but adds the bias as is.
+        if self.bias is not None and is_nf4(self.base.weight):
+            return F.linear(x, self.base.weight) + self.bias.to(x.dtype)
+        return self.base(x)
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:

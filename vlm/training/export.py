@@ -3,7 +3,10 @@
 
 A LoRA run's checkpoint (adapters and trained tensors only) is exported with its base rebuilt and
 checked (`vlm.training.lora`): merged by default (`--merge-lora`), or with `--no-merge-lora` as the
-base plus its adapters (the text backbone's in PEFT's layout, see `vlm.export`)."""
+base plus its adapters (the text backbone's in PEFT's layout, see `vlm.export`).
+
+`--format transformers` writes a llava-hf directory instead (`vlm.checkpoints.llava_hf`): what
+`transformers.LlavaForConditionalGeneration`, its processor and vLLM load; adapters merged."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from vlm.checkpoints.llava_hf import save_llava_hf
 from vlm.errors import UserError
 from vlm.export import save_model
 from vlm.model import VisionLanguageModel, VLMConfig, build_model
@@ -61,6 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--merge-lora", action=argparse.BooleanOptionalAction, default=True,
                         help="a LoRA run: merge the adapters into the weights (default), or write the base and the "
                              "adapters (text: PEFT layout in OUT/adapter) with --no-merge-lora")
+    parser.add_argument("--format", choices=("vlm", "transformers"), default="vlm",
+                        help="vlm: a vlm model directory (default); transformers: a llava-hf directory for "
+                             "transformers' LlavaForConditionalGeneration and vLLM (llava fusion, mlp2x_gelu "
+                             "projector, hf_vit or open_clip ViT tower; adapters merged)")
     args = parser.parse_args(argv)
     try:
         model, checkpoint = model_from_checkpoint(args.checkpoint)
@@ -68,7 +76,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if tokenizer_path is None:
             raise ValueError(f"{args.checkpoint}: no tokenizer recorded; pass --tokenizer")
         tokenizer = Tokenizer.from_file(tokenizer_path)
-        save_model(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite, merge_lora=args.merge_lora)
+        if args.format == "transformers":
+            if not args.merge_lora:
+                raise ValueError("--no-merge-lora keeps adapters beside the base in vlm's layout; --format "
+                                 "transformers always merges them")
+            save_llava_hf(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite)
+        else:
+            save_model(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite, merge_lora=args.merge_lora)
     except (UserError, ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"vlm export: {err}", file=sys.stderr)
         return 2

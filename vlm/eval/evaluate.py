@@ -51,6 +51,7 @@ from vlm.eval.fewshot import (RetrieveOptions, add_arguments, fewshot_evaluate, 
 from vlm.eval.grid import caption_grid
 from vlm.eval.hallucination import caption_errors, hallucination_metrics
 from vlm.eval.metrics import caption_metrics, normalise_caption
+from vlm.eval.vqa import check_vqa_options, finish_vqa, vqa_evaluate
 from vlm.features import fingerprint
 from vlm.retrieval import Index
 
@@ -225,6 +226,9 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="a feature cache of the model's tower over the --train shards (vlm features build): "
                              "retrieval reads the training images' embeddings from it instead of running the tower")
     add_arguments(parser)  # --shots ... and --retrieve ... (vlm.eval.fewshot)
+    parser.add_argument("--task", choices=("caption", "vqa"), default="caption",
+                        help="caption (default): caption shards, caption metrics; vqa: every question of chat shards "
+                             "answered and scored by VQA accuracy with its answer normalisation (vlm.eval.vqa)")
     return parser
 
 
@@ -287,8 +291,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise FileNotFoundError(f"no shard at {missing[:3] or args.data}")
         if args.features and not args.baselines:
             raise UserError("--features is only used by the retrieval baseline; add --baselines --train TRAIN_SHARDS")
+        if args.task == "vqa":
+            check_vqa_options(args)
         captioner = Captioner.from_directory(args.model)
-        if plan is not None and not plan.demos:  # shapes few-shot documents, each with its own demonstrations
+        if args.task == "vqa":
+            report = vqa_evaluate(captioner, shards, limit=args.limit, batch_size=args.batch_size,
+                                  max_new_tokens=args.max_new_tokens, search=search)
+        elif plan is not None and not plan.demos:  # shapes few-shot documents, each with its own demonstrations
             report = episode_evaluate(captioner, shards, plan.shots, seeds=plan.seeds, limit=args.limit,
                                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, search=search)
         elif plan is not None:
@@ -303,6 +312,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vlm evaluate: {err}", file=sys.stderr)
         return 2
     out = args.out or Path(args.model) / "eval"
+    if args.task == "vqa":
+        return finish_vqa(report, out)
     if plan is not None:
         return _finish_fewshot(report, out)
     _print_skips("", report["skipped"], report["first_errors"])

@@ -61,8 +61,6 @@ def test_recipe_errors_are_one_line(tmp_path, shapes_dir, capsys):
         (["--model.lora.rnak", "4"], "vlm fit: command line: unknown key model.lora.rnak (did you mean model.lora.rank?)"),
         (["--model.lora.targets", "[nothing]"], "vlm fit: model.lora.targets: 'nothing' matches no nn.Linear in parts "
                                                 "['text'] (names look like 'text.layers.0.attention.wq')"),
-        (["--model.lora.quantize_base", "nf4", "--model.objective", "dpo"],
-         "vlm fit: model.lora.quantize_base nf4 does not combine with model.objective dpo"),
     ]:
         assert main([*args, *flags]) == 2
         err = [e for e in capsys.readouterr().err.splitlines() if e.strip()]
@@ -247,24 +245,96 @@ def test_a_lora_checkpoint_exports_and_starts_another_run_merged(tmp_path):
             torch.testing.assert_close(value, merged[name], atol=1e-6, rtol=0, msg=name)
 
 
-def test_dpo_with_lora_starts_at_its_reference():
-    """The DPO reference is the starting model copied before the adapters (no adapter in it): a
-    fresh adapter computes it exactly, so the first DPO loss is log 2."""
+def preference_batches(fusion: str, steps: int, *, pairs: int = 2) -> list:
+    """`steps` collated batches of `pairs` preference pairs, one image each (seeded)."""
     from vlm.data.collate import Collator
     from vlm.data.formats import EncodedPreference
-    from vlm.training.preference import preference_step
 
-    module = VLMModule(tiny_model("llava").config, stage="align", objective="dpo",
-                       lora={"rank": 2, "targets": ["text.*.attention.wq", "text.*.attention.wv"]})
+    g, out = torch.Generator().manual_seed(5), []
+    collate = Collator(pad_id=0, image_id=IMAGE_ID, image_token_count=tiny_model(fusion).tokens_per_image)
+    for step in range(steps):
+        batch = []
+        for index in range(pairs):
+            prompt = [1, IMAGE_ID, *torch.randint(10, 64, (3,), generator=g).tolist()]
+            chosen, rejected = (torch.randint(10, 64, (n,), generator=g).tolist() for n in (4, 5))
+            batch.append(EncodedPreference(f"{step}_{index}", prompt + chosen, [-100] * len(prompt) + chosen,
+                                           prompt + rejected, [-100] * len(prompt) + rejected,
+                                           [torch.randn(3, 16, 16, generator=g)]))
+        out.append(collate(batch))
+    return out
+
+
+DPO_LORA = {"lora": ("llava", {"rank": 2, "targets": ["text.*.attention.wq", "text.*.attention.wv"]}),
+            "qlora": ("flamingo", {"rank": 2, "quantize_base": "nf4", "parts": ["text", "fusion"],
+                                   "targets": ["text.*.feed_forward.*", "fusion.blocks.*.to_q"]})}
+
+
+@pytest.mark.parametrize("variant", list(DPO_LORA))
+def test_dpo_reference_with_lora_is_the_starting_model_without_a_copy(variant):
+    """With model.lora the DPO reference is the policy itself, adapters disabled and the tensors the
+    stage trains fully (align: the projector; the resampler and cross-attention) at their starting
+    values: after training steps that moved all of them, its log-probs are those of the starting
+    model built without LoRA (a FrozenReference; its NF4-adapted weights rounded as QLoRA's bases
+    are), within 1e-6; the policy comes back bit for bit (values and train mode)."""
+    from vlm.training.preference import AdapterReference, FrozenReference, pair_logps
+
+    fusion, lora = DPO_LORA[variant]
+    torch.manual_seed(0)
+    module = VLMModule(tiny_model(fusion).config, stage="align", objective="dpo", lora=lora)
     module.configure_model()
-    assert lora_modules(module.model) and not lora_modules(module.reference.model)
-    prompt = [1, IMAGE_ID, 20, 21]
-    pair = EncodedPreference("p0", prompt + [30, 31], [-100] * 4 + [30, 31], prompt + [40], [-100] * 4 + [40],
-                             [torch.randn(3, 16, 16)])
-    batch = Collator(pad_id=0, image_id=IMAGE_ID, image_token_count=module.model.tokens_per_image)([pair])
+    model, reference = module.model, module.reference
+    assert isinstance(reference, AdapterReference) and reference.model is model  # no second model
+    adapters = {id(p) for p in lora_parameters(model)}
+    assert reference.start and all(id(model.get_parameter(n)) not in adapters for n in reference.start)
+    torch.manual_seed(0)
+    plain = VLMModule(tiny_model(fusion).config, stage="align", objective="dpo")
+    plain.configure_model()
+    base = plain.reference
+    assert isinstance(base, FrozenReference) and base.fingerprint == reference.fingerprint
     with torch.no_grad():
-        loss = preference_step(module.model.eval(), module.reference, batch, module.preference, share_features=False).loss
-    assert float(loss) == pytest.approx(0.6931471805599453, abs=1e-6)
+        for name, adapted in lora_modules(model).items():
+            base.model.get_submodule(name).weight.copy_(dequantize(adapted.base.weight))
+        if fusion == "flamingo":  # gates open at the start, as if an earlier stage had trained them: images matter
+            for name in reference.start:
+                if name.endswith("_gate"):
+                    for value in (reference.start[name], model.get_parameter(name), base.model.get_parameter(name)):
+                        value.fill_(0.5)
+    first, *later = preference_batches(fusion, 4)
+    expected = base.logps(first, features=None, loss_type="sigmoid")
+    optimizer, _ = build_optimizer(model.train(), OptimConfig(lr=1e-2, warmup_steps=0), 10)
+    for batch in later:
+        pair_logps(model, batch)[0].sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert all(not torch.equal(model.get_parameter(n), v) for n, v in reference.start.items() if not n.endswith("_gate"))
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}  # (NF4 cannot clone)
+    torch.testing.assert_close(reference.logps(first, features=None, loss_type="sigmoid"), expected, atol=1e-6, rtol=0)
+    assert model.training and all(torch.equal(model.get_parameter(n), value) for n, value in trained.items())
+    with torch.no_grad():
+        assert (pair_logps(model.eval(), first)[0] - expected).abs().max() > 1e-3  # the policy itself moved
+
+
+@pytest.mark.parametrize("variant", list(DPO_LORA))
+def test_dpo_with_lora_trains_from_log_2(variant):
+    """vlm's DPO training step with LoRA / QLoRA (DoRA, on text and fusion) in a Lightning fit:
+    the first loss is log 2 (policy = reference at B = 0), later ones fall, only the policy's
+    trainable tensors move and the reference stays the starting model."""
+    import lightning as L
+    from training_helpers import Losses
+
+    fusion, lora = DPO_LORA[variant]
+    torch.manual_seed(0)
+    module = VLMModule(tiny_model(fusion).config, stage="align", objective="dpo", lora=lora, caption_samples=0,
+                       optim=OptimConfig(lr=1e-2, warmup_steps=0))
+    data = preference_batches(fusion, 1, pairs=4) * 4  # one batch, 4 times: its loss must fall
+    losses = Losses()
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=4, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[losses])
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None, collate_fn=lambda b: b))
+    assert losses.values[0] == pytest.approx(0.6931471805599453, abs=1e-6)
+    assert losses.values[-1] < losses.values[0] - 1e-3, losses.values
+    frozen = {n for n, p in module.model.named_parameters() if not p.requires_grad}
+    assert frozen and not frozen & set(module.reference.start)
 
 
 def qlora_recipe(folder: Path, shapes_dir: Path, **extra) -> list[str]:

@@ -22,8 +22,8 @@ from vlm.training.lora import LoRARun, LoRASettings, is_lora_checkpoint, lora_se
 from vlm.training.optim import OptimConfig, build_optimizer
 from vlm.training.parallel import (apply_activation_checkpointing, apply_fsdp2, apply_tensor_parallel, blocks,
                                    unsharded_root)
-from vlm.training.preference import (CHECKPOINT_KEY, OBJECTIVES, FrozenReference, PreferenceConfig, Reference,
-                                     cache_reference, check_preference_batch, chosen_rows, preference_step,
+from vlm.training.preference import (CHECKPOINT_KEY, OBJECTIVES, AdapterReference, FrozenReference, PreferenceConfig,
+                                     Reference, cache_reference, check_preference_batch, chosen_rows, preference_step,
                                      register_pair_forward)
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,8 @@ class VLMModule(L.LightningModule):
         label_smoothing: spread this much of each training target over the whole vocabulary (the
             training loss only; validation reports the plain next-token loss).
         objective: `next_token` (the captions/answers' likelihood; of preference pairs, the chosen
-            answers') or `dpo` (preference pairs against a frozen copy of the starting model, see
-            `vlm.training.preference`).
+            answers') or `dpo` (preference pairs against a frozen copy of the starting model, or
+            with `lora` the policy with its adapters disabled; see `vlm.training.preference`).
         preference: the DPO-family loss settings when `objective` is dpo.
         lora: LoRA / QLoRA adapters (`vlm.adapters.LoRAConfig` fields: rank, alpha, dropout,
             targets, parts, use_dora, quantize_base); they train with whatever the stage trains,
@@ -93,9 +93,6 @@ class VLMModule(L.LightningModule):
         self.objective = objective
         self.preference = preference if isinstance(preference, PreferenceConfig) else PreferenceConfig(**(preference or {}))
         self.lora = lora_settings(lora)
-        if self.lora is not None and self.lora.quantize_base and objective == "dpo":
-            raise ValueError("model.lora.quantize_base nf4 does not combine with model.objective dpo (the reference is "
-                             "a dense copy of the starting model, the policy's base NF4): drop quantize_base for DPO")
         self.lora_run = None if self.lora is None else LoRARun(self.lora, text_checkpoint=text_checkpoint,
                                                                 init_checkpoint=init_checkpoint)
         self.strict_loading = self.lora_run is None  # a LoRA checkpoint lacks the frozen base: on_load_checkpoint checks it
@@ -123,8 +120,8 @@ class VLMModule(L.LightningModule):
             model.load_text_backbone(self.text_checkpoint)
         if self.init_checkpoint:
             model.load_state_dict(initial_state(self.init_checkpoint, model.state_dict()), strict=True)
-        if self.objective == "dpo":
-            self.reference = FrozenReference(model)
+        if self.objective == "dpo":  # with LoRA, the policy itself with its adapters disabled: no copy
+            self.reference = FrozenReference(model) if self.lora_run is None else AdapterReference(model)
         if self.lora_run is not None:
             self.lora_run.apply(model)
         self.parameter_table = set_trainable(model, self.stage, include=self.include, exclude=self.exclude)
@@ -132,12 +129,15 @@ class VLMModule(L.LightningModule):
             self.lora_run.record_base(model)
         tower_frozen = not any(p.requires_grad for p in model.vision.parameters())
         self.model = self._parallelize(model, activation_checkpointing=self.activation_checkpointing)
-        if self.reference is not None:  # sharded the same way; nothing to recompute under no_grad
-            self.reference.model = self._parallelize(self.reference.model, activation_checkpointing=False)
+        if self.reference is not None:
+            if isinstance(self.reference, AdapterReference):
+                self.reference.attach(self.model)
+            else:  # sharded the same way; nothing to recompute under no_grad
+                self.reference.model = self._parallelize(self.reference.model, activation_checkpointing=False)
+                register_pair_forward(self.reference.model)
             register_pair_forward(self.model)
-            register_pair_forward(self.reference.model)
-            # Reusing the policy's features skips the reference's tower, which is only safe when
-            # every rank skips it: not when a rank without images must run it on a blank image.
+            # Sharing image features skips one model's tower, which is only safe when every rank
+            # skips it: not when a rank without images must run it on a blank image.
             self._share_features = tower_frozen and not self.model.blank_image_when_missing
 
     def _parallelize(self, model: VisionLanguageModel, *, activation_checkpointing: bool) -> VisionLanguageModel:
@@ -175,7 +175,7 @@ class VLMModule(L.LightningModule):
         return preference_step(self.model, self.reference, batch, self.preference, share_features=self._share_features)
 
     def on_fit_start(self) -> None:
-        if isinstance(self.reference, FrozenReference) and self.preference.reference == "cached":
+        if isinstance(self.reference, (FrozenReference, AdapterReference)) and self.preference.reference == "cached":
             self.reference.place(self.trainer.precision_plugin, self.device, sharded=self.device_mesh is not None)
             self.reference = cache_reference(self.reference, self.trainer, self.config)  # the copy is freed
 

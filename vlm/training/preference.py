@@ -12,6 +12,11 @@ or in checkpoints. A resumed run rebuilds it from the same `init_checkpoint`; it
 stored in every checkpoint, tells when that file has changed since. With `reference: cached` the
 copy scores every training and validation pair once before training (files next to the shards,
 reused by later runs) and is then freed: training looks its log-probs up by sample key.
+
+With LoRA (`model.lora`) there is no copy: the reference is the policy itself with its adapters
+disabled (as PEFT and TRL do) and the few tensors its stage trains fully (a projector, ...) set
+back to their starting values for the pass (`AdapterReference`); it scores a batch before the
+policy does, so that the policy's graph is built on the trained values.
 """
 
 from __future__ import annotations
@@ -22,13 +27,15 @@ import hashlib
 import json
 import os
 import types
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from vlm.adapters import adapters_disabled, lora_parameters
 from vlm.errors import UserError
 from vlm.features import weights_hash
 from vlm.model import ModelInput
@@ -172,22 +179,94 @@ class FrozenReference(Reference):
             self.model.reshard()
         return logps_for_loss(sums, counts, loss_type=loss_type)
 
-    @torch.no_grad()
     def table(self, batches: Iterable[Any]) -> dict[str, list]:
-        """key -> [chosen sum, chosen count, rejected sum, rejected count] for every pair of `batches`."""
-        entries: dict[str, list] = {}
-        for batch in batches:
-            sums, counts, _ = run_pairs(self.model, batch.to(self.device))
-            if hasattr(self.model, "reshard"):
-                self.model.reshard()
-            pairs = batch.pairs
-            for row, key in enumerate(batch.keys[:pairs]):
-                entries[key] = [float(sums[row]), int(counts[row]), float(sums[pairs + row]), int(counts[pairs + row])]
-        return entries
+        return score_table(self.model, batches, self.device)
 
     @property
     def device(self) -> torch.device:
         return self.model.text.tok_embeddings.weight.device
+
+
+class AdapterReference(Reference):
+    """The policy as it started, without a copy of it: its LoRA adapters disabled and the other
+    tensors its stage trains at their starting values, in eval mode, under no_grad.
+
+    Built before the adapters are applied (`fingerprint`: the starting model's hash, as a
+    FrozenReference's); `attach` then takes the policy as it will train (adapted, sharded) and
+    keeps a copy of the starting values of its trainable non-adapter parameters, usually a small
+    part (nothing besides the adapters: no copy at all)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.fingerprint = weights_hash(model)
+        self.model: nn.Module | None = None
+        self.start: dict[str, torch.Tensor] = {}
+
+    def attach(self, policy: nn.Module) -> None:
+        """The policy, adapted and parallelised (before any checkpoint is loaded into it)."""
+        adapters = {id(p) for p in lora_parameters(policy)}
+        self.model = policy
+        self.start = {name: p.detach().clone() for name, p in policy.named_parameters()
+                      if p.requires_grad and id(p) not in adapters}
+
+    def place(self, precision_plugin: Any, device: torch.device, *, sharded: bool) -> None:
+        """The starting values in the dtype and on the device the policy's parameters now have."""
+        params = dict(self.model.named_parameters())
+        self.start = {name: value.to(device=params[name].device, dtype=params[name].dtype)
+                      for name, value in self.start.items()}
+
+    @contextmanager
+    def _as_started(self) -> Iterator[nn.Module]:
+        """The policy as it started, for one pass; trained values and train mode restored after,
+        bit for bit. A sharded root's gathered parameters are released before the restore."""
+        params = dict(self.model.named_parameters())
+        trained = {name: params[name].detach().clone() for name in self.start}
+        training = self.model.training
+        with torch.no_grad(), adapters_disabled(self.model):
+            for name, value in self.start.items():
+                params[name].copy_(value)
+            self.model.eval()
+            try:
+                yield self.model
+            finally:
+                if hasattr(self.model, "reshard"):  # FSDP2 keeps a root's parameters gathered after forward
+                    self.model.reshard()
+                for name, value in trained.items():
+                    params[name].copy_(value)
+                self.model.train(training)
+
+    def score(self, batch: Any, *, loss_type: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-row log-probs [2B] as `loss_type` expects them, and the image features used (the
+        policy's own when its tower is frozen: the tower has then no adapter and trains nothing)."""
+        with self._as_started() as model:
+            sums, counts, features = run_pairs(model, batch)
+        return logps_for_loss(sums, counts, loss_type=loss_type), features
+
+    def logps(self, batch: Any, *, features: torch.Tensor | None, loss_type: str) -> torch.Tensor:
+        with self._as_started() as model:
+            sums, counts, _ = run_pairs(model, batch, features=features)
+        return logps_for_loss(sums, counts, loss_type=loss_type)
+
+    def table(self, batches: Iterable[Any]) -> dict[str, list]:
+        with self._as_started() as model:
+            return score_table(model, batches, self.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.text.tok_embeddings.weight.device
+
+
+@torch.no_grad()
+def score_table(model: nn.Module, batches: Iterable[Any], device: torch.device) -> dict[str, list]:
+    """key -> [chosen sum, chosen count, rejected sum, rejected count] for every pair of `batches`."""
+    entries: dict[str, list] = {}
+    for batch in batches:
+        sums, counts, _ = run_pairs(model, batch.to(device))
+        if hasattr(model, "reshard"):
+            model.reshard()
+        pairs = batch.pairs
+        for row, key in enumerate(batch.keys[:pairs]):
+            entries[key] = [float(sums[row]), int(counts[row]), float(sums[pairs + row]), int(counts[pairs + row])]
+    return entries
 
 
 class CachedReference(Reference):
@@ -207,7 +286,7 @@ class CachedReference(Reference):
         return logps_for_loss(sums.float(), counts.long(), loss_type=loss_type).to(batch.input_ids.device)
 
 
-def cache_reference(reference: FrozenReference, trainer: Any, config: Any) -> CachedReference:
+def cache_reference(reference: FrozenReference | AdapterReference, trainer: Any, config: Any) -> CachedReference:
     """The reference's log-probs of every pair of the data module's training and validation shards.
 
     Each shard's are stored as `<shard>.reference-<hash>.json` ({"settings", "logps": {key: [...]}})
@@ -249,10 +328,15 @@ def preference_step(model: nn.Module, reference: Reference, batch: Any, config: 
     """The DPO-family loss of a preference batch and TRL's metrics (`PreferenceOutput.metrics()`).
 
     `share_features`: the tower is frozen and every rank takes the same path, so the reference
-    reuses the policy's image features instead of running its own tower."""
-    sums, counts, features = run_pairs(model, batch)
+    reuses the policy's image features instead of running its own tower (an AdapterReference,
+    which runs first, gives the policy its own)."""
+    if isinstance(reference, AdapterReference):  # the policy's own modules: scored before its graph is built
+        reference_logps, features = reference.score(batch, loss_type=config.loss_type)
+        sums, counts, _ = run_pairs(model, batch, features=features if share_features else None)
+    else:
+        sums, counts, features = run_pairs(model, batch)
+        reference_logps = reference.logps(batch, features=features if share_features else None, loss_type=config.loss_type)
     policy = logps_for_loss(sums, counts, loss_type=config.loss_type)
-    reference_logps = reference.logps(batch, features=features if share_features else None, loss_type=config.loss_type)
     out = preference_loss(*policy.chunk(2), *reference_logps.chunk(2), beta=config.beta,
                           loss_type=config.loss_type, label_smoothing=config.label_smoothing)
     return out.with_sft(sums, counts, config.sft_weight) if config.sft_weight else out

@@ -23,6 +23,13 @@ from shapes, for one steady-state training step:
   either the end of the forward (old gradients + the loss chunk) or a block's backward (its
   gradient temporaries; with checkpointing, while the new gradients build up).
 
+MoE feed-forwards (`model.config.text.moe`): every expert's weights, gradients and moments count
+(total parameters); a token runs through top_k experts (expert choice: capacity_factor or top_k on
+average), so its activations are those of a dense SwiGLU of that many experts' width (the active
+parameters), plus the dispatch: the router's fp32 logits and scores, and per assignment the row
+gathered for its expert, that expert's output and the weighted output. With a capacity (token choice) the experts run over the
+padded buffer, capacity_factor x as many rows as assignments: its activations count that much. The note line gives total and active parameter counts.
+
 LoRA / QLoRA (`model.lora`): the adapters are put on the meta model, so the trainable set, the
 gradients and the AdamW moments are the adapters' plus what the stage trains fully; an adapted
 linear keeps its input for the adapter's gradient. With `quantize_base: nf4` the adapted weights
@@ -37,6 +44,7 @@ vision tower are counted as bf16 (approximation).
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import inspect
 import math
@@ -55,6 +63,8 @@ from vlm.adapters.nf4 import BLOCK_SIZE, SCALER_BLOCK_SIZE
 from vlm.errors import UserError
 from vlm.model import VisionLanguageModel, VLMConfig, build_model
 from vlm.stages import ParameterTable, set_trainable
+from vlm.text.llama import FeedForward
+from vlm.text.moe import MoEFeedForward, moe_layers
 from vlm.training.activations import Activations, Shapes, activation_rows
 from vlm.training.cli import VLMCLI
 from vlm.training.lora import LoRARun, lora_settings
@@ -347,12 +357,12 @@ def estimate_memory(config_files: list[str], *, devices: int | None = None, batc
     shapes = Shapes(batch_size or data.get("batch_size") or 1, seq_len, images_per_sample)
     if seq_len < images_per_sample * model.tokens_per_image:
         raise ValueError(f"seq_len {seq_len} cannot hold {images_per_sample} image(s) x {model.tokens_per_image} tokens")
-    activations = Activations(model, precision, shapes, tensor_parallel=strategy.tensor_parallel)
+    activations = MoEActivations(model, precision, shapes, tensor_parallel=strategy.tensor_parallel)
     grad_parts = {part for part, on in (("vision", activations.vision_grad), ("fusion", activations.upstream),
                                         ("text", activations.text_grad)) if on}
     static = static_memory(model, precision, strategy, grad_parts, nf4)
     freed = static["gradients"][0] // (2 if strategy.ddp else 1)  # zero_grad frees the gradients, not DDP's buckets
-    notes = _notes(trainer, precision, strategy, devices) + _lora_notes(model, nf4)
+    notes = _notes(trainer, precision, strategy, devices) + _lora_notes(model, nf4) + _moe_notes(model)
     if model.config.fusion.name not in Activations.FUSIONS:
         notes.append(f"fusion {model.config.fusion.name!r}: its activations are not modeled (counted as 0)")
     return MemoryEstimate([str(f) for f in config_files], precision, strategy, shapes, table, static,
@@ -388,6 +398,75 @@ def _lora_notes(model: VisionLanguageModel, nf4: frozenset[int]) -> list[str]:
         notes.append(f"QLoRA: the adapted weights in NF4, {NF4_BYTES:.3f} bytes each (4-bit codes, int8 block scales, "
                      "fp32 group factors)")
     return notes
+
+
+def experts_per_token(moe: MoEFeedForward) -> float:
+    """Experts a token runs through: top_k (token choice), on average capacity_factor or top_k (expert choice)."""
+    c = moe.config
+    return float(c.capacity_factor or c.top_k) if c.router == "expert_choice" else float(c.top_k)
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(total, active per token) parameters: an MoE layer's token uses its router, its shared
+    experts and `experts_per_token` of its experts."""
+    total = sum(p.numel() for p in model.parameters())
+    idle = sum(moe.experts.w1.numel() * 3 * (1 - experts_per_token(moe) / moe.config.num_experts)
+               for _, moe in moe_layers(model))
+    return total, round(total - idle)
+
+
+class MoEActivations(Activations):
+    """Activations with MoE decoder layers: the layer as if its feed-forward were the dense SwiGLU
+    of the experts a token runs through (and the shared ones), plus the dispatch tensors."""
+
+    def decoder_layer(self, index: int, layer: nn.Module) -> int:
+        moe = layer.feed_forward
+        if not isinstance(moe, MoEFeedForward):
+            return super().decoder_layer(index, layer)
+        with torch.device("meta"):
+            dense = FeedForward(moe.gate.in_features, width(moe)).requires_grad_(moe.experts.w1.requires_grad)
+        proxy = copy.copy(layer)
+        proxy._modules = {**layer._modules, "feed_forward": dense}
+        return super().decoder_layer(index, proxy) + self.dispatch_bytes(moe)
+
+    def workspace(self) -> tuple[int, int]:
+        """A layer's backward holds two SwiGLU gradients of the widest feed-forward, dense or MoE."""
+        loss, backward = super().workspace()
+        widest = max((width(moe) for _, moe in moe_layers(self.model.text)), default=0)
+        extra = 2 * self.rows * max(0, widest - self.model.text.config.hidden_dim) * self.p.compute // self.tp
+        return loss, backward + (extra if self.text_grad else 0)
+
+    def dispatch_bytes(self, moe: MoEFeedForward) -> int:
+        """Router logits and scores (fp32); per assignment its gathered input row, its expert output
+        and its weighted output (3 rows of dim), and the padded buffer where there is one."""
+        c, dim = moe.config, moe.gate.in_features
+        assignments = self.rows * experts_per_token(moe)
+        buffer = padding(moe) if c.capacity_factor or c.router == "expert_choice" else 0.0  # the grouped path has none
+        return round(self.rows * 2 * 4 * c.num_experts + assignments * dim * self.p.compute * (3 + buffer))
+
+
+def width(moe: MoEFeedForward) -> int:
+    """The hidden width of the dense SwiGLU whose activations match a token's path through `moe`:
+    its experts (over the padded buffer's rows when there is one) and its shared experts."""
+    routed = moe.experts.w1.shape[1] * experts_per_token(moe) * padding(moe)
+    return round(routed) + (moe.shared.w1.out_features if moe.shared is not None else 0)
+
+
+def padding(moe: MoEFeedForward) -> float:
+    """Rows of the padded dispatch buffer per assignment: the capacity factor with a capacity (token
+    choice), else 1 (the grouped path, or expert choice's exactly full buffer)."""
+    c = moe.config
+    return c.capacity_factor if c.capacity_factor and c.router == "token_choice" else 1.0
+
+
+def _moe_notes(model: VisionLanguageModel) -> list[str]:
+    layers = moe_layers(model)
+    if not layers:
+        return []
+    c = layers[0][1].config
+    total, active = parameter_counts(model.text)
+    return [f"MoE: {len(layers)} of {len(model.text.layers)} decoder layers, {c.num_experts} experts, {c.router} "
+            f"top-{c.top_k}: text parameters {total:,} in total, {active:,} active per token"]
 
 
 def main(argv: list[str] | None = None) -> int:

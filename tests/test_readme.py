@@ -31,6 +31,13 @@ def commands(section: str) -> list[str]:
     return [line.strip() for line in block.splitlines() if line.strip().startswith("vlm ")]
 
 
+def command_blocks(section: str) -> list[list[str]]:
+    """Every command block of a README section, in order."""
+    body = (ROOT / "README.md").read_text().split(f"## {section}", 1)[1].split("\n## ", 1)[0]
+    return [[line.strip() for line in b.splitlines() if line.strip().startswith("vlm ")]
+            for b in body.split("\n\n") if b.startswith("    vlm ")]
+
+
 def quick_tour() -> list[str]:
     return commands("Quick tour")
 
@@ -189,3 +196,34 @@ def test_preference_and_lora_sequences_and_bench_run(tmp_path, monkeypatch, caps
     assert measured["dpo_curves"]["dpo"]["val/rewards/accuracies"]  # DPO validated (every 2 steps)
     assert results.with_suffix(".png").stat().st_size > 1000
     assert "| llava | + DPO | 4 |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_fewshot_and_retrieval_sequences_run(tmp_path, monkeypatch, capsys):
+    """The "Few-shot and retrieval" commands, verbatim but for a tiny model and data: train on the
+    few-shot documents, evaluate by episodes, then index ordinary shapes captions with that model's
+    tower, query, caption and evaluate with retrieval and with random and RICES demonstrations."""
+    fewshot, retrieval = command_blocks("Few-shot and retrieval")
+    assert [c.split()[1] for c in fewshot] == ["fit", "export", "evaluate"]
+    assert [c.split()[1:3] for c in retrieval] == [["data", "shapes"], ["index", "build"], ["index", "query"],
+                                                  ["caption", "--model"], ["evaluate", "--model"], ["evaluate", "--model"]]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    recipe = {**TINY, "model": {**TINY["model"], "caption_samples": 0},  # as the recipe: documents, not captions
+              "data": {**TINY["data"], "shapes": {"train": 40, "val": 6}}}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(recipe))
+    image, _ = draw_scene(random.Random(3))
+    image.save(tmp_path / "query.png")
+    for command in fewshot + retrieval:
+        capsys.readouterr()
+        assert main(tiny(command)) == 0, (command, capsys.readouterr().err[-2000:])
+        if command.split()[1:3] == ["index", "query"]:
+            assert len(capsys.readouterr().out.strip().splitlines()) == 4  # one line per hit
+    out = tmp_path / "outputs" / "fewshot" / "llava"
+    episodes = json.loads((out / "eval" / "report.json").read_text())["fewshot"]
+    assert list(episodes["results"]["document"]) == ["0", "1", "2", "4", "8"] and episodes["chance"] > 0
+    assert episodes["results"]["document"]["4"]["runs"] == 3
+    retrieved = json.loads((out / "retrieve" / "report.json").read_text())
+    assert retrieved["images"] == 24 and all(len(s["sources"]) == 4 for s in retrieved["samples"])
+    shots = json.loads((out / "shots" / "report.json").read_text())["fewshot"]["results"]
+    assert set(shots) == {"random", "rices"} and shots["random"]["4"]["runs"] == 3

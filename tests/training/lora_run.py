@@ -5,7 +5,9 @@ Two variants on fixed global batches, each rank taking its slice; validation and
 --every steps:
 - `lora`: a tiny flamingo model, DoRA adapters on text and fusion linears (stage align);
 - `qlora`: a tiny llava model whose feed-forward linears (512 x 64, two NF4 scale groups each, so
-  their NF4 bases shard over 2 ranks) get adapters on NF4 bases (stage align).
+  their NF4 bases shard over 2 ranks) get adapters on NF4 bases (stage align);
+- `dpo_qlora`: `qlora` trained by DPO on preference pairs (its reference: the policy itself,
+  adapters disabled and the projector at its starting values).
 Three runs of each, each writing losses_rank{r}.json, val_rank{r}.json and checkpoints/ under
 --out/<variant>/<name>:
 - `one`: one process, plain Lightning (in the launching process, before the second rank starts);
@@ -35,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for tiny
 from tiny_models import IMAGE_ID, batch_from, images, tiny_model  # noqa: E402
 from training_helpers import ROOT, Losses  # noqa: E402
 
+from vlm.data.collate import Collator  # noqa: E402
 from vlm.training.checkpointing import read_metadata  # noqa: E402
 from vlm.training.module import VLMModule  # noqa: E402
 from vlm.training.optim import OptimConfig  # noqa: E402
@@ -47,6 +50,7 @@ VARIANTS = {
     "qlora": ("llava", {"hidden_dim": 512}, {"rank": 4, "alpha": 8, "parts": ["text"], "quantize_base": "nf4",
                                              "targets": ["text.*.feed_forward.*"]}),
 }
+VARIANTS["dpo_qlora"] = VARIANTS["qlora"]  # objective dpo on preference pairs: its reference is the policy, adapters off
 
 
 @dataclasses.dataclass
@@ -114,6 +118,24 @@ def local_nf4_shards(model: torch.nn.Module) -> dict[str, list]:
     return shards
 
 
+def global_pairs(steps: int, seed: int) -> list:
+    """The same `steps` global batches of GLOBAL_BATCH preference pairs on every rank, one image each."""
+    from vlm.data.formats import EncodedPreference
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for step in range(steps):
+        pairs = []
+        for index in range(GLOBAL_BATCH):
+            prompt = [1, IMAGE_ID, *torch.randint(10, 64, (3,), generator=g).tolist()]
+            chosen, rejected = (torch.randint(10, 64, (4,), generator=g).tolist() for _ in range(2))
+            pairs.append(EncodedPreference(f"{seed}_{step}_{index}", prompt + chosen, [-100] * len(prompt) + chosen,
+                                           prompt + rejected, [-100] * len(prompt) + rejected,
+                                           images(1, seed=seed + 100 * step + index)))
+        out.append(pairs)
+    return out
+
+
 def strategy_from_recipe() -> tuple[object, bool]:
     """configs/strategy/fsdp2.yaml's strategy and its model.activation_checkpointing."""
     recipe = yaml.safe_load((ROOT / "configs" / "strategy" / "fsdp2.yaml").read_text())
@@ -128,7 +150,8 @@ def fit(run: Run, out: Path) -> None:
     helper = tiny_model(fusion)
     config = dataclasses.replace(helper.config, text=dataclasses.replace(helper.config.text, **text))
     torch.manual_seed(0)
-    module = VLMModule(config, stage="align", lora=lora, caption_samples=0,
+    objective = "dpo" if run.variant.startswith("dpo") else "next_token"
+    module = VLMModule(config, stage="align", lora=lora, caption_samples=0, objective=objective,
                        optim=OptimConfig(lr=1e-2, warmup_steps=1), activation_checkpointing=checkpointing)
     trainer = L.Trainer(accelerator="cpu", devices=run.devices, strategy=strategy, max_steps=run.steps, logger=False,
                         val_check_interval=run.every, num_sanity_val_steps=0, enable_progress_bar=False,
@@ -140,7 +163,11 @@ def fit(run: Run, out: Path) -> None:
     mine = slice(rank * per_rank, (rank + 1) * per_rank)
 
     def loader(seed: int, steps: int, start: int = 0):
-        data = [batch_from(helper, rows[mine], imgs[mine], labels=True) for rows, imgs in global_batches(steps, seed)]
+        if objective == "dpo":
+            collate = Collator(pad_id=0, image_id=IMAGE_ID, image_token_count=helper.tokens_per_image)
+            data = [collate(pairs[mine]) for pairs in global_pairs(steps, seed)]
+        else:
+            data = [batch_from(helper, rows[mine], imgs[mine], labels=True) for rows, imgs in global_batches(steps, seed)]
         return torch.utils.data.DataLoader(data[start:], batch_size=None, collate_fn=lambda b: b)
 
     done = read_metadata(run.resume)["global_step"] if run.resume else 0  # a resumed run continues the batches

@@ -404,25 +404,31 @@ def test_sigkill_resume_is_bitwise_and_the_checkpoint_exports_merged_and_as_peft
 
 @pytest.mark.slow
 def test_two_ranks_under_fsdp2_train_as_one_process_and_resume_their_sharded_checkpoint(tmp_path):
-    """lora_run.py, one launch, for LoRA (flamingo, DoRA adapters on text and fusion) and QLoRA
-    (llava, adapters on NF4 feed-forward bases), validation and checkpoints every 3 steps: one
-    process for 6 steps; 2 ranks under configs/strategy/fsdp2.yaml for the same 6 steps (1e-5);
-    the 2 ranks again from their step-3 sharded checkpoint (no frozen tensor in it), bit for bit.
-    QLoRA's bases stay NF4 when sharded (half the rows per rank) and FSDP2 gathers each once per
-    forward and once per backward (activation checkpointing's recomputation gathers nothing more)."""
+    """lora_run.py, one launch, for LoRA (flamingo, DoRA adapters on text and fusion), QLoRA (llava,
+    adapters on NF4 feed-forward bases) and DPO with that QLoRA, validation and checkpoints every 3
+    steps: one process for 6 steps; 2 ranks under configs/strategy/fsdp2.yaml for the same 6 steps
+    (1e-5); the 2 ranks again from their step-3 sharded checkpoint (no frozen tensor in it), bit for
+    bit. QLoRA's bases stay NF4 when sharded (half the rows per rank) and FSDP2 gathers each once
+    per pass: forward and backward (activation checkpointing's recomputation gathers nothing more),
+    and DPO's reference pass (the policy with its adapters disabled) before them."""
     run_ranks([str(Path(__file__).with_name("lora_run.py")), "--out", str(tmp_path)], cwd=tmp_path)
-    for variant in ("lora", "qlora"):
+    for variant in ("lora", "qlora", "dpo_qlora"):
         check_two_ranks(tmp_path / variant)
-    one, two = (json.loads((tmp_path / "qlora" / run / "val_rank0.json").read_text()) for run in ("one", "two"))
-    bases = len(one["nf4_shards"])
-    assert bases == 12 and one["train_gathers"] == [0] * 6  # 4 blocks x w1, w2, w3; one process gathers nothing
-    for name, (kind, shape) in two["nf4_shards"].items():
-        assert kind == "NF4Tensor" and shape == [one["nf4_shards"][name][1][0] // 2, one["nf4_shards"][name][1][1]]
-    assert two["train_gathers"] == [2 * bases] * 6 and two["val_gathers"] == [bases] * 2
+    for variant, passes in (("qlora", 2), ("dpo_qlora", 3)):
+        one, two = (json.loads((tmp_path / variant / run / "val_rank0.json").read_text()) for run in ("one", "two"))
+        bases = len(one["nf4_shards"])
+        assert bases == 12 and one["train_gathers"] == [0] * 6  # 4 blocks x w1, w2, w3; one process gathers nothing
+        for name, (kind, shape) in two["nf4_shards"].items():
+            assert kind == "NF4Tensor" and shape == [one["nf4_shards"][name][1][0] // 2, one["nf4_shards"][name][1][1]]
+        assert two["train_gathers"] == [passes * bases] * 6 and two["val_gathers"] == [(passes - 1) * bases] * 2
+    for run, ranks in (("one", 1), ("two", 2)):  # the policy starts as its reference
+        for rank in range(ranks):
+            losses = json.loads((tmp_path / "dpo_qlora" / run / f"losses_rank{rank}.json").read_text())["losses"]
+            assert losses[0] == pytest.approx(0.6931471805599453, abs=1e-6)
     from vlm.training.export import model_from_checkpoint
 
     model, _ = model_from_checkpoint(tmp_path / "qlora" / "resumed" / "checkpoints" / "step=6.ckpt")
-    assert len(lora_modules(model)) == bases and all(is_nf4(m.base.weight) for m in lora_modules(model).values())
+    assert len(lora_modules(model)) == 12 and all(is_nf4(m.base.weight) for m in lora_modules(model).values())
 
 
 def check_two_ranks(folder: Path) -> None:

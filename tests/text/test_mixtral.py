@@ -12,9 +12,9 @@ transformers = pytest.importorskip("transformers")
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from vlm.checkpoints import load_llama, save_llama_hf
-from vlm.errors import UserError
-from vlm.text.llama import Llama
-from vlm.text.moe import switch_loss
+from vlm.checkpoints.mixtral import mixtral_differences
+from vlm.text.llama import Llama, LlamaConfig
+from vlm.text.moe import MoEConfig, switch_loss
 
 VOCAB = 211
 
@@ -83,14 +83,31 @@ def test_switch_loss_is_mixtral_loss_over_k():
     torch.testing.assert_close(2 * switch_loss(scores, counts, 2), theirs, atol=1e-6, rtol=1e-6)
 
 
-def test_export_refuses_what_mixtral_cannot_hold(tmp_path):
-    config = dataclasses.replace(load_config(), moe={"num_experts": 4, "top_k": 2, "balance": "bias", "shared_experts": 1})
-    with pytest.raises(UserError, match=r"no Mixtral equivalent: .*shared_experts 1 .*balance 'bias'"):
-        save_llama_hf(Llama(config), tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+def test_moe_mixtral_cannot_hold_round_trips_as_vlm_moe(tmp_path):
+    """Shared expert, bias balancing, a dense first layer, a capacity: written with Mixtral's names
+    plus our extras under model_type vlm_moe, read back exactly, refused by transformers."""
+    moe = {"num_experts": 4, "top_k": 2, "balance": "bias", "shared_experts": 1, "first_dense_layers": 1,
+           "capacity_factor": 1.25, "z_loss_coef": 1e-3}
+    config = LlamaConfig(dim=32, n_layers=3, n_heads=4, vocab_size=64, hidden_dim=48, moe=moe)
+    model = Llama(config)
+    with torch.no_grad():
+        model.layers[1].feed_forward.expert_bias.copy_(torch.tensor([0.1, -0.2, 0.3, -0.2]))
+    save_llama_hf(model, tmp_path)
+    names = set(load_file(tmp_path / "model.safetensors"))
+    assert {"model.layers.0.mlp.gate_proj.weight", "model.layers.1.block_sparse_moe.expert_bias",
+            "model.layers.2.block_sparse_moe.shared_expert.down_proj.weight",
+            "model.layers.2.block_sparse_moe.experts.3.w3.weight"} <= names
+    again = load_llama(tmp_path)
+    assert again.config == config
+    assert set(again.state_dict()) == set(model.state_dict())
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
+    with pytest.raises((ValueError, KeyError)):
+        transformers.AutoConfig.from_pretrained(tmp_path)
 
 
-def load_config():
-    from vlm.text.llama import LlamaConfig
-
-    return LlamaConfig(dim=32, n_layers=2, n_heads=4, vocab_size=64, hidden_dim=48)
+def test_mixtral_differences_name_each_key():
+    moe = MoEConfig(score="sigmoid", balance="bias", expert_hidden_dim=16)
+    assert mixtral_differences(moe, hidden_dim=48) == [
+        "score 'sigmoid' (Mixtral: 'softmax')", "expert_hidden_dim 16 (Mixtral: 48)",
+        "balance 'bias' (Mixtral has no selection bias)"]
+    assert mixtral_differences(MoEConfig(expert_hidden_dim=48), hidden_dim=48) == []

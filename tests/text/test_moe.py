@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import vlm.text.moe as moe_module
-from vlm.model import build_model
+from vlm.model import ModelInput, build_model
 from vlm.text.llama import FeedForward, Llama, LlamaConfig
 from vlm.text.moe import MoEConfig, MoEFeedForward, moe_statistics, pop_aux_loss, switch_loss, update_expert_biases
 
@@ -181,3 +181,20 @@ def test_cached_generation_equals_uncached_with_moe_backbone():
     uncached = model.generate(None, prompts, max_new_tokens=10, use_cache=False)
     assert cached == uncached
     assert all(len(row) == 10 for row in cached)
+
+
+def test_vlm_export_round_trips_an_moe_backbone(tmp_path):
+    from tests.tiny_models import tiny_model
+    from vlm.export import load_model, save_model
+
+    config = tiny_model().config
+    config.text = dataclasses.replace(moe_text(capacity_factor=1.5, balance="bias"), vocab_size=config.text.vocab_size)
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    with torch.no_grad():
+        model.text.layers[0].feed_forward.expert_bias.copy_(torch.tensor([0.05, -0.05, 0.1, -0.1]))
+    save_model(model, tmp_path / "model")
+    loaded = load_model(tmp_path / "model").eval()
+    ids = torch.randint(6, 64, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(ModelInput(ids)).logits, model(ModelInput(ids)).logits)

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vlm.checkpoints.common import _read_json, _require
-from vlm.checkpoints.mixtral import mixtral_to_ours, moe_from_mixtral, moe_to_mixtral, ours_to_mixtral
+from vlm.checkpoints.mixtral import mixtral_to_ours, moe_from_mixtral, moe_to_hf, ours_to_mixtral
 from vlm.text.llama import Llama, LlamaConfig
 from vlm.text.rope import RopeScaling
 
@@ -52,7 +52,9 @@ def hf_to_ours(name: str) -> str:
 # --- configs ---------------------------------------------------------------------------------
 
 _HF_REQUIRED = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "intermediate_size")
-_DEFAULT_THETA = {"llama": 10000.0, "mixtral": 1000000.0}  # transformers' defaults when config.json has none
+# The model types read (vlm_moe: our MoE configs Mixtral cannot hold, see vlm.checkpoints.mixtral)
+# and transformers' RoPE theta for each when config.json has none.
+_DEFAULT_THETA = {"llama": 10000.0, "mixtral": 1000000.0, "vlm_moe": 10000.0}
 _HF_LLAMA3_ROPE_REQUIRED = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
@@ -61,8 +63,8 @@ def config_from_hf(hf: dict, *, source: str = "config.json") -> LlamaConfig:
     keys when it lacks one that has no default."""
     _require(hf, _HF_REQUIRED, source)
     model_type = hf.get("model_type", "llama")
-    if model_type not in ("llama", "mixtral"):
-        raise ValueError(f"{source}: model_type {model_type!r} is not 'llama' or 'mixtral'")
+    if model_type not in _DEFAULT_THETA:
+        raise ValueError(f"{source}: model_type {model_type!r} is not one of {list(_DEFAULT_THETA)}")
     dim, n_heads = hf["hidden_size"], hf["num_attention_heads"]
     if hf.get("head_dim") not in (None, dim // n_heads):
         raise ValueError(f"{source}: head_dim {hf['head_dim']} != hidden_size / num_attention_heads is not supported")
@@ -80,7 +82,7 @@ def config_from_hf(hf: dict, *, source: str = "config.json") -> LlamaConfig:
         rope_scaling=_rope_scaling_from_hf(hf, source),
         max_seq_len=hf.get("max_position_embeddings", 2048),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        moe=moe_from_mixtral(hf, n_layers=hf["num_hidden_layers"], source=source) if model_type == "mixtral" else None,
+        moe=moe_from_mixtral(hf, n_layers=hf["num_hidden_layers"], source=source) if model_type != "llama" else None,
     )
 
 
@@ -105,7 +107,7 @@ def config_to_hf(config: LlamaConfig, *, dtype: torch.dtype = torch.float32) -> 
     rope = None
     if config.rope_scaling is not None:
         rope = {"rope_type": "llama3", **vars(config.rope_scaling)}
-    moe = {} if config.moe is None else moe_to_mixtral(config.moe, hidden_dim=config.hidden_dim, n_layers=config.n_layers)
+    moe = {} if config.moe is None else moe_to_hf(config.moe, hidden_dim=config.hidden_dim, n_layers=config.n_layers)
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -151,9 +153,9 @@ def _read_hf(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
 
 def save_llama_hf(model: Llama, path: str | Path, *, max_shard_bytes: int = 5 * 2**30) -> None:
     """Write a directory that `transformers.LlamaForCausalLM.from_pretrained` loads (an MoE model:
-    `MixtralForCausalLM`, per-expert layout)."""
+    `MixtralForCausalLM`, per-expert layout; one Mixtral cannot hold: `vlm_moe`, for `load_llama` only)."""
     path = Path(path)
-    config = config_to_hf(model.config)  # refuses an MoE config Mixtral cannot hold, before any write
+    config = config_to_hf(model.config)
     path.mkdir(parents=True, exist_ok=True)
     state, rest = ours_to_mixtral(model.state_dict()) if model.config.moe is not None else ({}, model.state_dict())
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}

@@ -10,7 +10,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from tiny_llava_hf import EXTRA_ROWS, perturb_norms_and_biases  # noqa: E402
+from tiny_llava_hf import EXTRA_ROWS, assert_same_greedy_tokens, perturb_norms_and_biases  # noqa: E402
 from vlm.caption import Captioner  # noqa: E402
 from vlm.checkpoints.llava_hf import save_llava_hf  # noqa: E402
 from vlm.cli import main  # noqa: E402
@@ -34,7 +34,6 @@ TOWERS = {
     "open_clip-cls": VisionConfig(name="open_clip", model="ViT-B-32", model_kwargs=OPEN_CLIP_TINY, feature_layer=-1,
                                   keep_prefix_tokens=True),
 }
-PROMPTS = [None, "What color is the circle?", "Describe the image in one sentence, please."]
 
 
 def tiny_vlm(tokenizer, vision: VisionConfig, *, fusion: str = "llava", seed: int = 0):
@@ -50,34 +49,6 @@ def tiny_vlm(tokenizer, vision: VisionConfig, *, fusion: str = "llava", seed: in
 def scenes(count: int, size: int = 32) -> list:
     rng = random.Random(0)
     return [draw_scene(rng)[0].resize((size, size)) for _ in range(count)]
-
-
-def assert_same_greedy_tokens(folder, captioner: Captioner, images, *, max_new_tokens: int = 12) -> None:
-    """For every image x prompt: transformers' processor gives vlm's prompt ids and pixels, and greedy
-    generate its tokens (stopping at the exported eos ids, and without stopping)."""
-    hf = transformers.LlavaForConditionalGeneration.from_pretrained(folder).eval()
-    processor = transformers.AutoProcessor.from_pretrained(folder)
-    tokenizer = captioner.tokenizer
-    for image in images:
-        for prompt in PROMPTS:
-            content = [{"type": "image"}] + ([{"type": "text", "text": prompt}] if prompt else [])
-            text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-            inputs = processor(images=image, text=text, return_tensors="pt")
-            ids = captioner.prompt_ids(prompt)
-            per_image = captioner.model.tokens_per_image
-            expanded = [t for token in ids for t in [token] * (per_image if token == tokenizer.image_id else 1)]
-            assert inputs["input_ids"][0].tolist() == expanded
-            torch.testing.assert_close(inputs["pixel_values"][0], captioner.transform(image), atol=1e-5, rtol=0)
-            for stops in (captioner.stop_tokens, ()):  # as exported (stop at <|eot_id|>), and always the full length
-                ours = captioner.model.generate([[captioner.transform(image)]], [ids], max_new_tokens=max_new_tokens,
-                                                stop_tokens=stops, pad_id=tokenizer.pad_id,
-                                                vocab_size=tokenizer.vocab_size)[0]
-                extra = {} if stops else {"eos_token_id": None}
-                with torch.no_grad():
-                    theirs = hf.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **extra)
-                theirs = theirs[0, len(expanded):].tolist()
-                assert theirs[:len(ours)] == ours and theirs[len(ours):] in ([], [tokenizer.eot_id], [tokenizer.eos_id])
-            assert len(ours) == max_new_tokens
 
 
 @pytest.mark.parametrize("tower", sorted(TOWERS))

@@ -300,3 +300,32 @@ def _check_llava_target(path: Path, *, overwrite: bool) -> bool:
 
 def _write_json(file: Path, data: dict[str, Any]) -> None:
     file.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def recipe(path: str | Path) -> dict[str, Any]:
+    """The ``vlm fit`` overrides that start from a llava-hf directory: its model config and the
+    directory as ``model.init_checkpoint`` (printed as JSON, which YAML reads, by ``main``)."""
+    config = json.loads(json.dumps(llava_config(path).to_dict()))  # tuples -> lists
+    return {"model": {"config": config, "init_checkpoint": str(Path(path).resolve())}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m vlm.checkpoints.llava_hf DIR > recipe.yaml``: ``recipe(DIR)`` as JSON."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m vlm.checkpoints.llava_hf", description=main.__doc__)
+    parser.add_argument("directory", help="a llava-hf directory (transformers' LlavaForConditionalGeneration)")
+    args = parser.parse_args(argv)
+    try:
+        if not is_llava_hf(args.directory):
+            raise UserError(f"{args.directory} is not a llava-hf directory (no config.json with model_type 'llava')")
+        print(json.dumps(recipe(args.directory), indent=2))
+    except (UserError, ValueError) as error:
+        print(f"python -m vlm.checkpoints.llava_hf: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -310,17 +310,22 @@ def recipe(path: str | Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m vlm.checkpoints.llava_hf DIR > recipe.yaml``: ``recipe(DIR)`` as JSON."""
+    """``python -m vlm.checkpoints.llava_hf DIR [--out recipe.yaml]``: ``recipe(DIR)`` as JSON (stdout by default)."""
     import argparse
     import sys
 
     parser = argparse.ArgumentParser(prog="python -m vlm.checkpoints.llava_hf", description=main.__doc__)
     parser.add_argument("directory", help="a llava-hf directory (transformers' LlavaForConditionalGeneration)")
+    parser.add_argument("--out", default=None, help="write the recipe to this file instead of printing it")
     args = parser.parse_args(argv)
     try:
         if not is_llava_hf(args.directory):
             raise UserError(f"{args.directory} is not a llava-hf directory (no config.json with model_type 'llava')")
-        print(json.dumps(recipe(args.directory), indent=2))
+        text = json.dumps(recipe(args.directory), indent=2)
+        if args.out:
+            Path(args.out).write_text(text + "\n")
+        else:
+            print(text)
     except (UserError, ValueError) as error:
         print(f"python -m vlm.checkpoints.llava_hf: {error}", file=sys.stderr)
         return 2

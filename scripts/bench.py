@@ -6,6 +6,7 @@
     python scripts/bench.py fusion      # LLaVA vs Flamingo: same backbone, shapes data and steps
     python scripts/bench.py features    # emoji recipe train step: cached tower features vs the frozen tower
     python scripts/bench.py lora        # full fine-tuning vs LoRA vs QLoRA: peak memory, step time (scripts/bench_lora.py)
+    python scripts/bench.py moe         # MoE Llama train step and generation vs transformers.MixtralForCausalLM (scripts/bench_moe.py)
     python scripts/bench.py all         # every benchmark at its defaults (lora excepted: minutes on its own)
     python scripts/bench.py llama --threads 2 --json benchmarks/results/llama.json
     python scripts/bench.py llava --profile --compile   # + side-by-side torch.profiler tables, torch.compile
@@ -756,6 +757,21 @@ def bench_lora(args: argparse.Namespace) -> dict:
     return _lora_module().run(args)
 
 
+# --- moe: our MoE Llama vs transformers' Mixtral (scripts/bench_moe.py) ---------------------------
+
+def _moe_module():
+    """scripts/bench_moe.py (it imports its helpers from this file as the module `bench`)."""
+    if str(Path(__file__).parent) not in sys.path:
+        sys.path.insert(0, str(Path(__file__).parent))
+    import bench_moe
+
+    return bench_moe
+
+
+def bench_moe(args: argparse.Namespace) -> dict:
+    return _moe_module().run(args)
+
+
 # --- command line ------------------------------------------------------------------------------
 
 # What `all` runs. Not lora: it builds and trains three ~240M-parameter models, minutes on its own,
@@ -803,14 +819,17 @@ def build_parser() -> argparse.ArgumentParser:
     lora = sub.add_parser("lora", help="full fine-tuning vs LoRA vs QLoRA: peak memory and step time; vlm memory's estimates")
     _lora_module().add_arguments(lora)
     lora.set_defaults(func=bench_lora)
+    moe = sub.add_parser("moe", help="MoE Llama train step and greedy generation vs transformers.MixtralForCausalLM")
+    _moe_module().add_arguments(moe)
+    moe.set_defaults(func=bench_moe)
     every = sub.add_parser("all", help="every benchmark but lora at its defaults, one after the other")
-    for p in (llama, llava, flamingo, fusion, features, lora, every):
+    for p in (llama, llava, flamingo, fusion, features, lora, moe, every):
         p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: see the module docstring)")
         p.add_argument("--out-dir", type=Path, default=RESULTS, help="where <name>.json (and plots) go")
-    for p in (llama, llava, flamingo, fusion, features, lora):
+    for p in (llama, llava, flamingo, fusion, features, lora, moe):
         p.add_argument("--repeats", type=int, default=5, help="timed runs per side (median reported)")
         p.add_argument("--json", type=Path, default=None, help="write the results here instead of OUT_DIR/<name>.json")
-    for p in (llama, llava, flamingo):
+    for p in (llama, llava, flamingo, moe):
         p.add_argument("--profile", action="store_true", help="side-by-side torch.profiler tables of both sides")
     for p in (llava, flamingo):
         p.add_argument("--compile", action="store_true", help="also time torch.compile of our train step vs eager")

@@ -198,3 +198,12 @@ def test_vlm_export_round_trips_an_moe_backbone(tmp_path):
     ids = torch.randint(6, 64, (2, 9))
     with torch.no_grad():
         assert torch.equal(loaded(ModelInput(ids)).logits, model(ModelInput(ids)).logits)
+
+
+def test_grouped_mm_probe_under_no_grad():
+    """Generation may run the first MoE forward: the probe must not mistake no_grad for no support."""
+    moe_module.grouped_mm_supported.cache_clear()
+    with torch.no_grad():
+        under_no_grad = moe_module.grouped_mm_supported("cpu", torch.float32)
+    moe_module.grouped_mm_supported.cache_clear()
+    assert under_no_grad == moe_module.grouped_mm_supported("cpu", torch.float32)

@@ -17,7 +17,8 @@ score of e); `bias` adds a per-expert bias (a buffer) to the scores for the sele
 moves it after each optimizer step by `bias_update_rate` * sign(mean load - load), centred
 (auxiliary-loss-free balancing, DeepSeek-V3); `none` does neither. `z_loss_coef` adds the router
 z-loss, coef * mean(logsumexp(logits)^2) (ST-MoE). The losses stay on the module (`aux_loss`) until
-the training side collects them with `pop_aux_loss`; nothing is global.
+the training side collects them with `pop_aux_loss`; nothing is global. They are computed in
+training mode with gradients on (a forward in `eval()` or under `no_grad` leaves `aux_loss` None).
 
 Dispatch: the (token, expert) assignments are sorted by expert and the experts run as grouped
 matrix products, `torch._grouped_mm` where it runs for the device and dtype, else one batched
@@ -101,14 +102,19 @@ def grouped_mm_supported(device_type: str, dtype: torch.dtype) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
     try:
-        x = torch.randn(8, 16, device=device_type, dtype=dtype, requires_grad=True)
-        w = torch.randn(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
-        offsets = torch.tensor([3, 8], device=device_type, dtype=torch.int32)
-        y = torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)
-        y.backward(torch.ones_like(y))
-        return True
+        with torch.enable_grad():  # the first MoE forward may run under no_grad (generation)
+            return _probe_grouped_mm(device_type, dtype)
     except (RuntimeError, NotImplementedError):
         return False
+
+
+def _probe_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
+    x = torch.randn(8, 16, device=device_type, dtype=dtype, requires_grad=True)
+    w = torch.randn(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
+    offsets = torch.tensor([3, 8], device=device_type, dtype=torch.int32)
+    y = torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)
+    y.backward(torch.ones_like(y))
+    return True
 
 
 class Experts(nn.Module):
@@ -145,10 +151,15 @@ class Routing:
     token: torch.Tensor  # [A] row of x
     expert: torch.Tensor  # [A] nondecreasing
     weight: torch.Tensor  # [A] float32, 0 for a dropped assignment
-    slot: torch.Tensor  # [A] position within its expert's group
     counts: torch.Tensor  # [E] assignments routed to each expert (before any drop)
     capacity: int | None  # rows per expert in the padded buffer; None: unbounded (no drop)
     dropped: torch.Tensor  # scalar: share of tokens (expert choice) or assignments (token choice) dropped
+    slot: torch.Tensor | None = None  # [A] position within its expert's group (made when needed)
+
+    def slots(self) -> torch.Tensor:
+        if self.slot is None:
+            self.slot = torch.arange(self.expert.numel(), device=self.expert.device) - (self.counts.cumsum(0) - self.counts)[self.expert]
+        return self.slot
 
 
 class MoEFeedForward(nn.Module):
@@ -191,15 +202,13 @@ class MoEFeedForward(nn.Module):
         expert, order = chosen.T.reshape(-1).sort(stable=True)
         token = torch.arange(n, device=scores.device).repeat(c.top_k)[order]
         weight = weight.T.reshape(-1)[order]
-        counts = torch.bincount(expert, minlength=e)
-        slot = torch.arange(expert.numel(), device=scores.device) - (counts.cumsum(0) - counts)[expert]
-        capacity, dropped = None, scores.new_zeros(())
+        route = Routing(token, expert, weight, torch.bincount(expert, minlength=e), None, scores.new_zeros(()))
         if c.capacity_factor is not None:
-            capacity = math.ceil(c.capacity_factor * c.top_k * n / e)
-            kept = slot < capacity
-            weight = weight * kept
-            dropped = 1.0 - kept.float().mean()
-        return Routing(token, expert, weight, slot, counts, capacity, dropped)
+            route.capacity = math.ceil(c.capacity_factor * c.top_k * n / e)
+            kept = route.slots() < route.capacity
+            route.weight = weight * kept
+            route.dropped = 1.0 - kept.float().mean()
+        return route
 
     def _expert_choice(self, scores: torch.Tensor) -> Routing:
         c, (n, e) = self.config, scores.shape
@@ -209,7 +218,7 @@ class MoEFeedForward(nn.Module):
         slot = torch.arange(capacity, device=scores.device).repeat(e)
         taken = torch.zeros(n, device=scores.device, dtype=torch.bool).index_fill(0, token.reshape(-1), True)
         counts = torch.full((e,), capacity, device=scores.device, dtype=torch.long)
-        return Routing(token.reshape(-1), expert, weight.reshape(-1), slot, counts, capacity, 1.0 - taken.float().mean())
+        return Routing(token.reshape(-1), expert, weight.reshape(-1), counts, capacity, 1.0 - taken.float().mean(), slot)
 
     def _dispatch(self, x: torch.Tensor, route: Routing) -> torch.Tensor:
         """Run every assignment through its expert; sum the weighted outputs per token."""
@@ -227,7 +236,7 @@ class MoEFeedForward(nn.Module):
         whose output is multiplied by a zero weight."""
         e, d = self.config.num_experts, rows.shape[-1]
         capacity = route.capacity if route.capacity is not None else int(route.counts.max())
-        index = route.expert * (capacity + 1) + route.slot.clamp_max(capacity)  # [A]
+        index = route.expert * (capacity + 1) + route.slots().clamp_max(capacity)  # [A]
         buffer = rows.new_zeros(e * (capacity + 1), d).index_copy(0, index, rows)
         out = self.experts.padded(buffer.view(e, capacity + 1, d)).reshape(-1, d)
         return out[index]
@@ -236,13 +245,16 @@ class MoEFeedForward(nn.Module):
         """Statistics for logging, the balancing loss, and the load the bias update will use."""
         c = self.config
         self.last_load, self.last_dropped = route.counts.detach(), route.dropped.detach()
+        if not (self.training and torch.is_grad_enabled()):  # the losses train the router: not in evaluation
+            self.aux_loss = None
+            return
         losses = []
         if c.balance == "aux_loss" and c.aux_loss_coef > 0:
             losses.append(c.aux_loss_coef * switch_loss(scores, route.counts, c.top_k))
         if c.z_loss_coef > 0:
             losses.append(c.z_loss_coef * torch.logsumexp(logits, -1).pow(2).mean())
         self.aux_loss = sum(losses) if losses else None
-        if c.balance == "bias" and self.training and torch.is_grad_enabled():
+        if c.balance == "bias":
             load = route.counts.detach().float()
             self.pending_load = load if self.pending_load is None else self.pending_load + load
 

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from vlm.checkpoints.common import _read_json, load_state_exact
 from vlm.checkpoints.hf import config_from_hf, config_to_hf, hf_to_ours, ours_to_hf
+from vlm.checkpoints.llava_tokenizer import check_tokenizer_file, vlm_tokenizer
 from vlm.adapters import lora_modules, merge_lora
 from vlm.errors import UserError
 from vlm.fusion import FusionConfig, build_fusion
@@ -302,11 +303,15 @@ def _write_json(file: Path, data: dict[str, Any]) -> None:
     file.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def recipe(path: str | Path) -> dict[str, Any]:
-    """The ``vlm fit`` overrides that start from a llava-hf directory: its model config and the
-    directory as ``model.init_checkpoint`` (printed as JSON, which YAML reads, by ``main``)."""
+
+def recipe(path: str | Path, *, tokenizer: str | Path | None = None) -> dict[str, Any]:
+    """The ``vlm fit`` overrides that start from a llava-hf directory: its model config, the directory
+    as ``model.init_checkpoint`` and ``tokenizer`` (default: the directory's own tokenizer.json) as
+    ``data.tokenizer`` (printed as JSON, which YAML reads, by ``main``)."""
     config = json.loads(json.dumps(llava_config(path).to_dict()))  # tuples -> lists
-    return {"model": {"config": config, "init_checkpoint": str(Path(path).resolve())}}
+    tokenizer = Path(tokenizer or Path(path) / "tokenizer.json").resolve()
+    return {"model": {"config": config, "init_checkpoint": str(Path(path).resolve())},
+            "data": {"tokenizer": str(tokenizer)}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -317,11 +322,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vlm.checkpoints.llava_hf", description=main.__doc__)
     parser.add_argument("directory", help="a llava-hf directory (transformers' LlavaForConditionalGeneration)")
     parser.add_argument("--out", default=None, help="write the recipe to this file instead of printing it")
+    parser.add_argument("--tokenizer-out", default=None, metavar="FILE",
+                        help="write a tokenizer.json vlm reads, converted from the directory's (vlm_tokenizer), and "
+                             "train with it; needed when the directory's tokenizer lacks vlm's chat tokens (LLaVA-1.5)")
     args = parser.parse_args(argv)
     try:
         if not is_llava_hf(args.directory):
             raise UserError(f"{args.directory} is not a llava-hf directory (no config.json with model_type 'llava')")
-        text = json.dumps(recipe(args.directory), indent=2)
+        if args.tokenizer_out:
+            vlm_tokenizer(args.directory, args.tokenizer_out, embedding_rows=llava_config(args.directory).text.vocab_size)
+        else:
+            check_tokenizer_file(Path(args.directory) / "tokenizer.json", image_id=llava_config(args.directory).image_token_id)
+        text = json.dumps(recipe(args.directory, tokenizer=args.tokenizer_out), indent=2)
         if args.out:
             Path(args.out).write_text(text + "\n")
         else:

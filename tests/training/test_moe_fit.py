@@ -6,13 +6,15 @@ import csv
 import signal
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
 from training_helpers import ROOT, fit_args, read_losses, run_ranks, tiny_recipe
 
-from vlm.text.moe import MoEFeedForward
+from vlm.text.moe import MoEFeedForward, moe_layers
 from vlm.training.cli import VLMCLI
+from vlm.training.export import model_from_checkpoint
 
 MOE = {"num_experts": 4, "top_k": 2, "capacity_factor": 1.25, "balance": "bias", "bias_update_rate": 0.01,
        "z_loss_coef": 0.001}
@@ -71,3 +73,41 @@ def test_sigkill_resume_is_bitwise_with_balancing_biases(tmp_path, shapes_dir):
     ours, theirs = biases(killed / "run" / "checkpoints" / "last.ckpt"), biases(straight / "run" / "checkpoints" / "last.ckpt")
     assert len(ours) == 2 and all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert all(v.abs().sum() > 0 for v in ours.values())  # the biases moved
+
+
+class BiasDump(L.Callback):
+    """Writes this rank's balancing biases after fit (`out/bias_rank{r}.pt`)."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        biases = {name: layer.expert_bias.detach().cpu() for name, layer in moe_layers(pl_module.model)}
+        torch.save(biases, self.out / f"bias_rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.slow
+def test_two_fsdp2_ranks_keep_one_bias(tmp_path, shapes_dir):
+    """configs/strategy/fsdp2.yaml on 2 gloo ranks, validation and sharded checkpoints on: MoE layers
+    shard with their blocks, and the loads are summed over ranks before each bias update, so every
+    rank holds the same (moved) biases; the sharded checkpoint holds them."""
+    recipe = moe_recipe(tmp_path, shapes_dir, max_steps=4, every=2)
+    spec = yaml.safe_load(recipe.read_text())
+    spec["trainer"].update(devices=2, val_check_interval=2, limit_val_batches=1)
+    spec["trainer"]["callbacks"].append({"class_path": "training.test_moe_fit.BiasDump",
+                                         "init_args": {"out": str(tmp_path / "bias")}})
+    spec["data"].update(batch_size=4, val_batch_size=4)
+    recipe.write_text(yaml.safe_dump(spec))
+    args = fit_args(recipe, "llava")
+    args[-2:-2] = ["--config", str(ROOT / "configs" / "strategy" / "fsdp2.yaml")]
+    run_ranks(["-m", "vlm.cli", *args], cwd=tmp_path, timeout=300)
+    assert sorted(read_losses(tmp_path / "run")) == [0, 1, 2, 3]
+    ranks = [torch.load(tmp_path / "bias" / f"bias_rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert len(ranks[0]) == 2 and all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+    assert all(v.abs().sum() > 0 for v in ranks[0].values())
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert last.is_dir() and sorted(p.name for p in last.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    model, _ = model_from_checkpoint(last)
+    saved = {name: layer.expert_bias for name, layer in moe_layers(model)}
+    assert all(torch.equal(saved[k], ranks[0][k]) for k in saved)

@@ -15,6 +15,8 @@ published layout above and the ones later transformers versions write (``model.l
 take transformers' defaults. The model becomes vlm's LLaVA fusion (``mlp2x_gelu`` projector) on an
 ``hf_vit`` tower. Export (``save_llava_hf``, ``vlm export --format transformers``) writes the
 published layout from an ``hf_vit`` or open_clip ViT tower; anything else is refused in one line.
+``python -m vlm.checkpoints.llava_hf DIR`` writes the ``vlm fit`` recipe that starts from DIR
+(``recipe``; ``--tokenizer-out`` converts a LLaVA-1.5 tokenizer, ``vlm.checkpoints.llava_tokenizer``).
 """
 
 from __future__ import annotations

@@ -63,8 +63,9 @@ def test_llava_hf_logits_and_greedy_tokens_equal(tmp_path, tokenizer, family, st
                               suppress_tokens=[tokenizer.image_id], eos_token_id=None, pad_token_id=tokenizer.pad_id)
     assert len(new) == 10 and new == out[0, len(expanded):].tolist()
 
-def test_export_back_gives_the_original_tensors(tmp_path, tokenizer):
-    save_tiny_llava(tmp_path / "hf", tokenizer)
+@pytest.mark.parametrize("family,tie", [("clip", False), ("siglip", True)])
+def test_export_back_gives_the_original_tensors(tmp_path, tokenizer, family, tie):
+    save_tiny_llava(tmp_path / "hf", tokenizer, family=family, strategy="full", tie=tie)
     model = load_model(tmp_path / "hf")
     save_llava_hf(model, tmp_path / "back", tokenizer=load_tokenizer(tmp_path / "hf"))
     original, exported = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")

@@ -94,3 +94,25 @@ def test_unsupported_projector_and_text_are_refused(tokenizer, tmp_path):
     model.fusion.options = dataclasses.replace(model.fusion.options, projector="linear")
     with pytest.raises(UserError, match="the linear projector"):
         save_llava_hf(model, tmp_path / "out", tokenizer=tokenizer)
+
+
+def test_lora_adapters_are_merged_into_the_export(tmp_path, tokenizer):
+    from vlm.adapters import lora_modules, wrap_linears
+    from vlm.model import ModelInput
+
+    model = tiny_vlm(tokenizer, TOWERS["clip-default"])
+    wrap_linears(model, ["text.layers.0.attention.wq", "fusion.projector.0", "vision.vision_model.encoder.layers.0.mlp.fc1"],
+                 rank=2, alpha=4)
+    with torch.no_grad():
+        for module in lora_modules(model).values():
+            module.lora_B.normal_(std=0.5)  # a trained adapter: not the identity
+    save_llava_hf(model, tmp_path / "hf", tokenizer=tokenizer)
+    assert lora_modules(model)  # the model itself keeps its adapters
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    per_image = model.tokens_per_image
+    ids = [tokenizer.bos_id, *[tokenizer.image_id] * per_image, *tokenizer.encode("What color is the circle?")]
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model(ModelInput(torch.tensor([ids]), None, pixels, torch.tensor([0]))).logits
+        theirs = hf(input_ids=torch.tensor([ids]), pixel_values=pixels).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)

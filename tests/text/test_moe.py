@@ -207,3 +207,26 @@ def test_grouped_mm_probe_under_no_grad():
         under_no_grad = moe_module.grouped_mm_supported("cpu", torch.float32)
     moe_module.grouped_mm_supported.cache_clear()
     assert under_no_grad == moe_module.grouped_mm_supported("cpu", torch.float32)
+
+
+def test_activation_checkpointing_recomputes_the_same_routing():
+    """Checkpointed MoE blocks (as vlm.training applies them) give the same loss and gradients. A
+    recomputation that runs to the end of the layer counts its load again (torch may stop it once
+    the tensors backward needs exist); the sign-based bias update is blind to that factor."""
+    from torch.distributed._composable import checkpoint
+
+    grads = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model = Llama(moe_text(capacity_factor=1.0, balance="bias", z_loss_coef=0.01)).train()
+        if checkpointed:
+            for layer in model.layers:
+                checkpoint(layer)
+        ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+        loss = model.loss(ids, ids) + pop_aux_loss(model)
+        loss.backward()
+        grads.append([p.grad for p in model.parameters()])
+        pending = model.layers[0].feed_forward.pending_load
+        assert pending.sum() in ((2 * 12 * 2,) if not checkpointed else (2 * 12 * 2, 2 * 2 * 12 * 2))  # tokens x top_k
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)

@@ -331,10 +331,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not is_llava_hf(args.directory):
             raise UserError(f"{args.directory} is not a llava-hf directory (no config.json with model_type 'llava')")
+        config = llava_config(args.directory)
         if args.tokenizer_out:
-            vlm_tokenizer(args.directory, args.tokenizer_out, embedding_rows=llava_config(args.directory).text.vocab_size)
+            vlm_tokenizer(args.directory, args.tokenizer_out, embedding_rows=config.text.vocab_size)
         else:
-            check_tokenizer_file(Path(args.directory) / "tokenizer.json", image_id=llava_config(args.directory).image_token_id)
+            check_tokenizer_file(Path(args.directory) / "tokenizer.json", image_id=config.image_token_id)
         text = json.dumps(recipe(args.directory, tokenizer=args.tokenizer_out), indent=2)
         if args.out:
             Path(args.out).write_text(text + "\n")

@@ -67,5 +67,6 @@ def register_vlmevalkit(name: str, pretrained: str, **options: Any) -> None:
     try:
         from vlmeval.config import supported_VLM
     except ImportError:
-        raise UserError("VLMEvalKit is not installed: pip install it from https://github.com/open-compass/VLMEvalKit") from None
+        raise UserError("VLMEvalKit is not installed: pip install it from "
+                        "https://github.com/open-compass/VLMEvalKit") from None
     supported_VLM[name] = partial(VLMEvalKitModel, pretrained=pretrained, **options)

@@ -69,7 +69,8 @@ def resolve_hf_vision(config: VisionConfig) -> tuple[str, dict[str, Any], dict[s
     if config.image_size is not None:
         settings["image_size"] = config.image_size
     if settings["hidden_act"] not in _ACTIVATIONS:
-        raise UserError(f"hf_vit: hidden_act {settings['hidden_act']!r} is not supported; use one of {sorted(_ACTIVATIONS)}")
+        raise UserError(f"hf_vit: hidden_act {settings['hidden_act']!r} is not supported; "
+                        f"use one of {sorted(_ACTIVATIONS)}")
     if settings.get("num_channels", 3) != 3:
         raise UserError(f"hf_vit: num_channels {settings['num_channels']} is not supported (RGB images only)")
     if settings["image_size"] % settings["patch_size"] or settings["hidden_size"] % settings["num_attention_heads"]:

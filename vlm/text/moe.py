@@ -158,13 +158,17 @@ class Routing:
 
     def slots(self) -> torch.Tensor:
         if self.slot is None:
-            self.slot = torch.arange(self.expert.numel(), device=self.expert.device) - (self.counts.cumsum(0) - self.counts)[self.expert]
+            starts = self.counts.cumsum(0) - self.counts  # [E] first row of each expert's group
+            self.slot = torch.arange(self.expert.numel(), device=self.expert.device) - starts[self.expert]
         return self.slot
 
 
 class MoEFeedForward(nn.Module):
     """Router (`gate`), routed `experts`, and an optional always-on `shared` feed-forward (the
-    Llama gives it a SwiGLU of shared_experts x the expert size). forward: x [B, T, D] -> [B, T, D]; sets `aux_loss`, `last_load`, `last_dropped`."""
+    Llama gives it a SwiGLU of shared_experts x the expert size).
+
+    forward: x [B, T, D] -> [B, T, D]; sets `last_load` and `last_dropped` (logging), `aux_loss`
+    (training) and, with bias balancing in training, adds the load to `pending_load`."""
 
     def __init__(self, dim: int, config: MoEConfig, *, hidden_dim: int, shared: nn.Module | None = None) -> None:
         super().__init__()

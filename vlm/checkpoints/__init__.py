@@ -4,6 +4,10 @@
   `model.safetensors.index.json`). Same rotary layout as ours; only names differ.
 - `vlm.checkpoints.meta`: `params.json` + `consolidated.*.pth`, loaded with `weights_only=True`.
   Their rotary layout interleaves the two halves of each head, so q/k rows are permuted on load.
+- `vlm.checkpoints.llava_hf`: a whole LLaVA model in `transformers`' llava-hf layout
+  (`LlavaForConditionalGeneration`), read by `vlm.load_model` and written by
+  `vlm export --format transformers`; `vlm.checkpoints.llava_tokenizer` converts a LLaVA-1.5 /
+  Llama 2 tokenizer to vlm's special-token names.
 
 Nothing here unpickles arbitrary objects: torch files are read with `weights_only=True`.
 """

@@ -145,7 +145,7 @@ def _encode_caption(sample: Mapping[str, Any], template: ChatTemplate) -> tuple[
 
 def _encode_chat(sample: Mapping[str, Any], template: ChatTemplate) -> tuple[list[int], list[int], list]:
     messages = sample["json"]["messages"]
-    images = _indexed_images(sample)
+    images = indexed_images(sample)
     needed = count_images(messages)
     if needed != len(images):
         raise SampleError(f"the messages have {needed} image part(s) but the sample has {len(images)} "
@@ -167,7 +167,7 @@ def _encode_preference(sample: Mapping[str, Any], template: ChatTemplate) -> tup
             or messages[-1].get("role") != "user":
         raise SampleError("messages must be a non-empty list ending with a user turn (the prompt)",
                           reason="bad preference")
-    images = _indexed_images(sample)
+    images = indexed_images(sample)
     needed = count_images(messages)
     if needed != len(images):
         raise SampleError(f"the messages have {needed} image part(s) but the sample has {len(images)} "
@@ -185,7 +185,7 @@ def _encode_interleaved(sample: Mapping[str, Any], template: ChatTemplate) -> tu
     segments = sample["json"]["segments"]
     if not isinstance(segments, list) or not segments:
         raise SampleError("segments must be a non-empty list", reason="bad sample")
-    available = _indexed_images(sample)
+    available = indexed_images(sample)
     tokenizer = template.tokenizer
     input_ids, labels, images, used = [tokenizer.bos_id], [IGNORE_INDEX], [], set()
     for position, segment in enumerate(segments):
@@ -214,7 +214,7 @@ def _encode_interleaved(sample: Mapping[str, Any], template: ChatTemplate) -> tu
     return input_ids, labels, images
 
 
-def _indexed_images(sample: Mapping[str, Any]) -> list[Any]:
+def indexed_images(sample: Mapping[str, Any]) -> list[Any]:
     """Images stored as 0.<ext>, 1.<ext>, ... in index order; the indices must be 0..n-1."""
     by_index: dict[int, Any] = {}
     for name, value in sample.items():

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from vlm.caption import Captioner
 from vlm.data.decode import SampleError, decode_sample, iter_shard_samples
-from vlm.data.formats import _indexed_images, sample_kind
+from vlm.data.formats import indexed_images, sample_kind
 from vlm.errors import UserError
 from vlm.text.chat import count_images
 
@@ -137,7 +137,7 @@ def _sample_questions(raw: dict, skipped: Counter, errors: dict[str, str]) -> li
         if sample_kind(sample) != "chat":
             skipped[f"not a chat sample ({sample_kind(sample)})"] += 1
             return []
-        images, messages = _indexed_images(sample), sample["json"]["messages"]
+        images, messages = indexed_images(sample), sample["json"]["messages"]
         if count_images(messages) != len(images):
             raise SampleError(f"{sample['__key__']}: the messages show {count_images(messages)} image(s), the sample "
                               f"has {len(images)}", reason="image mismatch")

@@ -21,11 +21,12 @@ from vlm.fusion.flamingo import GatedCrossAttentionBlock, PerceiverResampler
 from vlm.text.llama import DecoderLayer
 from vlm.training.checkpointing import start_sharded_save
 
-_VISION_BLOCK_LISTS = ("blocks", "resblocks")  # timm ViTs, open_clip transformers
+_VISION_BLOCK_LISTS = ("blocks", "resblocks", "layers")  # timm ViTs, open_clip transformers, hf_vit encoder.layers
 
 
 def vision_blocks(vision: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of a vision tower (timm `blocks`, open_clip `transformer.resblocks`)."""
+    """The repeated blocks of a vision tower (timm `blocks`, open_clip `transformer.resblocks`, hf_vit
+    `encoder.layers`)."""
     found: list[nn.Module] = []
     for name, module in vision.named_modules():
         if isinstance(module, (nn.ModuleList, nn.Sequential)) and name.rsplit(".", 1)[-1] in _VISION_BLOCK_LISTS:
@@ -48,6 +49,9 @@ def block_classes(model: nn.Module | None = None) -> set[type[nn.Module]]:
         classes.add(Block)
     except ImportError:
         pass
+    from vlm.vision.hf_vit import EncoderLayer
+
+    classes.add(EncoderLayer)
     try:
         from open_clip.transformer import ResidualAttentionBlock
 

@@ -31,7 +31,8 @@ class VisionConfig:
 
     Args:
         name: registry key of the encoder class (``list_encoders()``).
-        model: the library's model name (timm model name, open_clip model name or config file).
+        model: the library's model name (timm model name, open_clip model name or config file;
+            hf_vit: "clip" / "siglip" or a Hugging Face config.json, or its directory).
         pretrained: let the library load its own default weights (may need a hub cache).
         checkpoint_path: local weights, ``.safetensors`` or a torch file read with weights_only; or
             ``package://<python package>/<path inside it>``, a file shipped in an installed package

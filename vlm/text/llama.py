@@ -17,7 +17,7 @@ from torch import nn
 
 from vlm.text.loss import fused_linear_cross_entropy, shift_labels
 from vlm.text.moe import Experts, MoEConfig, MoEFeedForward
-from vlm.text.rope import RopeScaling, apply_rope, inverse_frequencies, rope_cos_sin
+from vlm.text.rope import AnyRopeScaling, RotaryTables, apply_rope, rope_scaling_from_dict
 
 
 @dataclass
@@ -30,7 +30,7 @@ class LlamaConfig:
     hidden_dim: int = 768  # SwiGLU inner size
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_scaling: RopeScaling | None = None
+    rope_scaling: AnyRopeScaling | None = None  # vlm.text.rope: {type: linear | dynamic | yarn | llama3, ...}
     max_seq_len: int = 2048
     tie_embeddings: bool = False
     dropout: float = 0.0  # residual dropout in training (see DecoderLayer); 0 = none
@@ -39,8 +39,7 @@ class LlamaConfig:
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        if isinstance(self.rope_scaling, dict):
-            self.rope_scaling = RopeScaling(**self.rope_scaling)
+        self.rope_scaling = rope_scaling_from_dict(self.rope_scaling)
         if isinstance(self.moe, dict):
             self.moe = MoEConfig.from_dict(self.moe)
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "max_seq_len"):
@@ -263,7 +262,7 @@ class Llama(nn.Module):
         offset = cache.next_position[:, None] if cache is not None else 0
         # Padding does not advance positions: the first real token of each row is at position 0.
         positions = (offset + real.long().cumsum(-1) - 1).clamp_min(0)
-        cos, sin = rope_cos_sin(positions, self._inv_freq(device), dtype)
+        cos, sin = self._rotary()(positions, dtype)
         if cache is not None:
             if start + seq_len > cache.max_len:
                 raise RuntimeError(f"KV cache overflow: {start + seq_len} positions needed, {cache.max_len} allocated")
@@ -291,14 +290,14 @@ class Llama(nn.Module):
         allowed = causal[None] & (keys_real[:, None, :] | (key_pos[None, :] == query_pos[:, None])[None])
         return allowed[:, None], False  # [B, 1, T, S]
 
-    def _inv_freq(self, device: torch.device) -> torch.Tensor:
-        # Computed on first use rather than kept as a buffer, so meta-device construction and
+    def _rotary(self) -> RotaryTables:
+        # Built on first use rather than kept as a buffer, so meta-device construction and
         # checkpoint loading never have to restore it.
-        cached = getattr(self, "_inv_freq_cache", None)
-        if cached is None or cached.device != device:
+        cached = getattr(self, "_rotary_cache", None)
+        if cached is None:
             c = self.config
-            cached = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling, device=device)
-            self._inv_freq_cache = cached
+            cached = RotaryTables(c.head_dim, c.rope_theta, c.rope_scaling, max_seq_len=c.max_seq_len)
+            self._rotary_cache = cached
         return cached
 
     def hidden(

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from vlm.checkpoints.common import _read_json, _require
 from vlm.checkpoints.mixtral import mixtral_to_ours, moe_from_mixtral, moe_to_hf, ours_to_mixtral
 from vlm.text.llama import Llama, LlamaConfig
-from vlm.text.rope import RopeScaling
+from vlm.checkpoints.rope import rope_parameters_to_hf, rope_scaling_from_hf, rope_scaling_to_hf
 
 _HF_LAYER_NAMES = {
     "attention.wq": "self_attn.q_proj",
@@ -55,7 +55,6 @@ _HF_REQUIRED = ("hidden_size", "num_attention_heads", "num_hidden_layers", "voca
 # The model types read (vlm_moe: our MoE configs Mixtral cannot hold, see vlm.checkpoints.mixtral)
 # and transformers' RoPE theta for each when config.json has none.
 _DEFAULT_THETA = {"llama": 10000.0, "mixtral": 1000000.0, "vlm_moe": 10000.0}
-_HF_LLAMA3_ROPE_REQUIRED = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 def config_from_hf(hf: dict, *, source: str = "config.json") -> LlamaConfig:
@@ -79,34 +78,14 @@ def config_from_hf(hf: dict, *, source: str = "config.json") -> LlamaConfig:
         hidden_dim=hf["intermediate_size"],
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         rope_theta=hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", _DEFAULT_THETA[model_type])),
-        rope_scaling=_rope_scaling_from_hf(hf, source),
+        rope_scaling=rope_scaling_from_hf(hf, source=source),
         max_seq_len=hf.get("max_position_embeddings", 2048),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         moe=moe_from_mixtral(hf, n_layers=hf["num_hidden_layers"], source=source) if model_type != "llama" else None,
     )
 
 
-def _rope_scaling_from_hf(hf: dict, source: str) -> RopeScaling | None:
-    # transformers 4.x writes `rope_scaling`; 5.x writes `rope_parameters` (which also holds theta).
-    params = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind == "default":
-        return None
-    if kind != "llama3":
-        raise ValueError(f"{source}: rope scaling type {kind!r} is not supported (only 'llama3')")
-    _require(params, _HF_LLAMA3_ROPE_REQUIRED, source, where=" in rope_scaling / rope_parameters")
-    return RopeScaling(
-        factor=params["factor"],
-        low_freq_factor=params["low_freq_factor"],
-        high_freq_factor=params["high_freq_factor"],
-        original_max_position_embeddings=params["original_max_position_embeddings"],
-    )
-
-
 def config_to_hf(config: LlamaConfig, *, dtype: torch.dtype = torch.float32) -> dict:
-    rope = None
-    if config.rope_scaling is not None:
-        rope = {"rope_type": "llama3", **vars(config.rope_scaling)}
     moe = {} if config.moe is None else moe_to_hf(config.moe, hidden_dim=config.hidden_dim, n_layers=config.n_layers)
     return {
         "architectures": ["LlamaForCausalLM"],
@@ -120,7 +99,8 @@ def config_to_hf(config: LlamaConfig, *, dtype: torch.dtype = torch.float32) -> 
         "vocab_size": config.vocab_size,
         "rms_norm_eps": config.norm_eps,
         "rope_theta": config.rope_theta,
-        "rope_scaling": rope,
+        "rope_scaling": rope_scaling_to_hf(config.rope_scaling),
+        "rope_parameters": rope_parameters_to_hf(config.rope_scaling, config.rope_theta),  # transformers 5.x
         "max_position_embeddings": config.max_seq_len,
         "tie_word_embeddings": config.tie_embeddings,
         "hidden_act": "silu",

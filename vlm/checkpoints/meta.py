@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from vlm.checkpoints.common import _read_json, _require
+from vlm.checkpoints.rope import rope_scaling_object_from_meta, rope_scaling_to_meta
 from vlm.text.llama import Llama, LlamaConfig
 from vlm.text.rope import RopeScaling
 
@@ -34,6 +35,8 @@ def config_from_meta(
     The RoPE factor comes from `rope_scaling_factor` (argument, then file); a file that only says
     `use_scaled_rope` gets 32 and tied embeddings for the Llama 3.2 text shapes (with a warning), 8
     otherwise (Llama 3.1). An explicit factor enables scaling even without `use_scaled_rope`.
+    A `rope_scaling` object (`{"type": "yarn", ...}`, which `save_llama_meta` writes for the methods
+    Meta has no keys for) takes precedence over all of these.
     """
     _require(params, _META_REQUIRED, source)
     dim = params["dim"]
@@ -53,8 +56,8 @@ def config_from_meta(
             stacklevel=2,
         )
         factor = _LLAMA32_ROPE_FACTOR
-    scaling = None
-    if factor is not None or params.get("use_scaled_rope"):
+    scaling = rope_scaling_object_from_meta(params, source=source)
+    if scaling is None and (factor is not None or params.get("use_scaled_rope")):
         scaling = RopeScaling(
             factor=8.0 if factor is None else factor,
             low_freq_factor=params.get("low_freq_factor", 1.0),
@@ -168,14 +171,7 @@ def save_llama_meta(model: Llama, path: str | Path) -> None:
         "vocab_size": c.vocab_size, "norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
         "max_seq_len": c.max_seq_len, **_meta_ffn_params(c),
     }
-    if c.rope_scaling is not None:
-        if (c.rope_scaling.low_freq_factor, c.rope_scaling.original_max_position_embeddings) != (1.0, 8192):
-            raise ValueError(
-                "Meta's params.json fixes low_freq_factor=1 and original_max_position_embeddings=8192; "
-                f"this model has {c.rope_scaling.low_freq_factor} and {c.rope_scaling.original_max_position_embeddings}"
-            )
-        params.update(use_scaled_rope=True, rope_scaling_factor=c.rope_scaling.factor,
-                      high_freq_factor=c.rope_scaling.high_freq_factor)
+    params.update(rope_scaling_to_meta(c.rope_scaling))
     (path / "params.json").write_text(json.dumps(params, indent=2) + "\n")
     torch.save(state, path / "consolidated.00.pth")
 

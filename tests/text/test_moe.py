@@ -230,3 +230,18 @@ def test_activation_checkpointing_recomputes_the_same_routing():
         assert pending.sum() in ((2 * 12 * 2,) if not checkpointed else (2 * 12 * 2, 2 * 2 * 12 * 2))  # tokens x top_k
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 1.5], ids=["grouped", "padded"])
+def test_bf16_autocast_trains_close_to_fp32(capacity_factor):
+    """Under autocast (Lightning's bf16-mixed) the experts compute in bf16 and x stays fp32."""
+    torch.manual_seed(0)
+    model = Llama(moe_text(capacity_factor=capacity_factor))
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    reference = model.loss(ids, ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model.loss(ids, ids)
+    loss.backward()
+    assert loss.item() == pytest.approx(reference.item(), abs=2e-2)
+    assert model.layers[0].feed_forward.experts.w1.grad.dtype == torch.float32
+    assert torch.isfinite(model.layers[0].feed_forward.experts.w1.grad).all()

@@ -233,7 +233,8 @@ class MoEFeedForward(nn.Module):
         else:
             out = self._padded(rows, route)
         out = out * route.weight.to(out.dtype)[:, None]
-        return torch.zeros_like(x).index_add(0, route.token, out)
+        # In the experts' dtype: under autocast their matmuls return bf16 while x stays fp32.
+        return out.new_zeros(x.shape).index_add(0, route.token, out)
 
     def _padded(self, rows: torch.Tensor, route: Routing) -> torch.Tensor:
         """The padded batched matmul: assignments beyond the capacity go to a spare row per expert

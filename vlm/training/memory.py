@@ -64,7 +64,7 @@ from vlm.errors import UserError
 from vlm.model import VisionLanguageModel, VLMConfig, build_model
 from vlm.stages import ParameterTable, set_trainable
 from vlm.text.llama import FeedForward
-from vlm.text.moe import MoEFeedForward, moe_layers
+from vlm.text.moe import Experts, MoEFeedForward, moe_layers
 from vlm.training.activations import Activations, Shapes, activation_rows
 from vlm.training.cli import VLMCLI
 from vlm.training.lora import LoRARun, lora_settings
@@ -242,6 +242,9 @@ def weight_copies(model: VisionLanguageModel, p: Precision, strategy: Strategy, 
         items += [(q, NF4_BYTES if id(q) in nf4 else strategy.gather_bytes) for q in gathered]
     casts = p.casts(strategy)
     for fqn, module in model.named_modules():
+        if isinstance(module, Experts):  # stacked expert weights: autocast casts each for its grouped matmuls
+            items += [(w, p.compute) for w in (module.w1, module.w2, module.w3)] if casts and "text" in grad_parts else []
+            continue
         weight = module.weight if isinstance(module, nn.Linear) else getattr(module, "in_proj_weight", None)
         if weight is None or fqn == "text.output" or fqn.split(".")[0] not in grad_parts or id(weight) in nf4:
             continue  # text.output: the loss's cast is a transient; a part without autograd keeps no casts;

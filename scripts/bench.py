@@ -7,7 +7,7 @@
     python scripts/bench.py features    # emoji recipe train step: cached tower features vs the frozen tower
     python scripts/bench.py lora        # full fine-tuning vs LoRA vs QLoRA: peak memory, step time (scripts/bench_lora.py)
     python scripts/bench.py moe         # MoE Llama train step and generation vs transformers.MixtralForCausalLM (scripts/bench_moe.py)
-    python scripts/bench.py all         # every benchmark at its defaults (lora excepted: minutes on its own)
+    python scripts/bench.py all         # every benchmark at its defaults (lora and moe excepted: minutes on their own)
     python scripts/bench.py llama --threads 2 --json benchmarks/results/llama.json
     python scripts/bench.py llava --profile --compile   # + side-by-side torch.profiler tables, torch.compile
 
@@ -774,7 +774,8 @@ def bench_moe(args: argparse.Namespace) -> dict:
 
 # --- command line ------------------------------------------------------------------------------
 
-# What `all` runs. Not lora: it builds and trains three ~240M-parameter models, minutes on its own,
+# What `all` runs. Not moe (4-5 minutes at its defaults), nor lora: it builds and trains three
+# ~240M-parameter models, minutes on its own,
 # which would take `all` past its 10-minute budget; run it by itself.
 BENCHMARKS = ("llama", "llava", "flamingo", "fusion", "features")
 
@@ -822,7 +823,7 @@ def build_parser() -> argparse.ArgumentParser:
     moe = sub.add_parser("moe", help="MoE Llama train step and greedy generation vs transformers.MixtralForCausalLM")
     _moe_module().add_arguments(moe)
     moe.set_defaults(func=bench_moe)
-    every = sub.add_parser("all", help="every benchmark but lora at its defaults, one after the other")
+    every = sub.add_parser("all", help="every benchmark but lora and moe at its defaults, one after the other")
     for p in (llama, llava, flamingo, fusion, features, lora, moe, every):
         p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: see the module docstring)")
         p.add_argument("--out-dir", type=Path, default=RESULTS, help="where <name>.json (and plots) go")

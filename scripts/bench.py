@@ -774,9 +774,8 @@ def bench_moe(args: argparse.Namespace) -> dict:
 
 # --- command line ------------------------------------------------------------------------------
 
-# What `all` runs. Not moe (4-5 minutes at its defaults), nor lora: it builds and trains three
-# ~240M-parameter models, minutes on its own,
-# which would take `all` past its 10-minute budget; run it by itself.
+# What `all` runs. Not lora (it builds and trains three ~240M-parameter models) nor moe (4-5
+# minutes at its defaults): either would take `all` past its 10-minute budget; run them by themselves.
 BENCHMARKS = ("llama", "llava", "flamingo", "fusion", "features")
 
 

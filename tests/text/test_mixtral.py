@@ -111,3 +111,14 @@ def test_mixtral_differences_name_each_key():
         "score 'sigmoid' (Mixtral: 'softmax')", "expert_hidden_dim 16 (Mixtral: 48)",
         "balance 'bias' (Mixtral has no selection bias)"]
     assert mixtral_differences(MoEConfig(expert_hidden_dim=48), hidden_dim=48) == []
+
+
+def test_a_missing_expert_is_named(tmp_path):
+    from safetensors.torch import save_file
+
+    make_hf().save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    del state["model.layers.1.block_sparse_moe.experts.2.w3.weight"]
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"layer 1 w3: experts \[2\] missing"):
+        load_llama(tmp_path)

@@ -104,8 +104,9 @@ def mixtral_to_ours(raw: dict[str, torch.Tensor], *, num_experts: int, source: s
         missing = sorted(set(range(num_experts)) - set(experts))
         extra = sorted(set(experts) - set(range(num_experts)))
         if missing or extra:
-            raise ValueError(f"{source}: layer {layer} {weight}: experts {missing} missing, {extra} beyond "
-                             f"num_local_experts {num_experts}")
+            problems = ([f"experts {missing} missing"] if missing else []) + ([f"experts {extra} beyond "
+                        f"num_local_experts {num_experts}"] if extra else [])
+            raise ValueError(f"{source}: layer {layer} {weight}: {', '.join(problems)}")
         ours[f"layers.{layer}.feed_forward.experts.{weight}"] = torch.stack([experts[e] for e in range(num_experts)])
     return ours, rest
 

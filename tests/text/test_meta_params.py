@@ -33,7 +33,7 @@ def test_llama32_shapes_get_factor_32_and_tied(params, name, hidden):
     with pytest.warns(UserWarning, match=f"assuming Llama 3.2 {name} .*rope_scaling_factor"):
         config = config_from_meta(params)
     assert config.tie_embeddings is True and config.hidden_dim == hidden
-    assert vars(config.rope_scaling) == dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+    assert vars(config.rope_scaling) == dict(type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                              original_max_position_embeddings=8192)
 
 
@@ -43,7 +43,7 @@ def test_llama31_shapes_keep_factor_8_untied(params, hidden):
         warnings.simplefilter("error")
         config = config_from_meta(params)
     assert config.tie_embeddings is False and config.hidden_dim == hidden
-    assert vars(config.rope_scaling) == dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+    assert vars(config.rope_scaling) == dict(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                              original_max_position_embeddings=8192)
 
 
@@ -56,7 +56,7 @@ def test_factor_in_file_wins_and_argument_wins_over_file():
         from_arg = config_from_meta(params, rope_scaling_factor=4.0)
         plain_arg = config_from_meta(LLAMA32_1B, rope_scaling_factor=2.0)
         llama2_arg = config_from_meta({**LLAMA31_8B, "use_scaled_rope": False}, rope_scaling_factor=3.0)
-    assert vars(from_file.rope_scaling) == dict(factor=16.0, low_freq_factor=2.0, high_freq_factor=8.0,
+    assert vars(from_file.rope_scaling) == dict(type="llama3", factor=16.0, low_freq_factor=2.0, high_freq_factor=8.0,
                                                 original_max_position_embeddings=4096)
     assert from_arg.rope_scaling.factor == 4.0 and from_arg.rope_scaling.high_freq_factor == 8.0
     assert plain_arg.rope_scaling.factor == 2.0 and plain_arg.tie_embeddings  # the shape still says tied

@@ -109,6 +109,7 @@ def test_yaml_dict_round_trip_and_errors():
     assert LlamaConfig.from_dict(config.to_dict()) == config
     assert LlamaConfig(rope_scaling={"type": "dynamic", "factor": 2}).rope_scaling == DynamicScaling(factor=2)
     assert LlamaConfig(rope_scaling={"factor": 32.0}).rope_scaling == RopeScaling(factor=32.0)  # no type: llama3
+    assert LlamaConfig(rope_scaling={"type": "llama3", "factor": 32.0}).rope_scaling == RopeScaling(factor=32.0)
     with pytest.raises(ValueError, match="rope_scaling.type 'ntk' is not one of"):
         LlamaConfig(rope_scaling={"type": "ntk", "factor": 2})
     with pytest.raises(ValueError, match=r"type 'linear': unknown keys \['beta_fast'\]"):
@@ -139,3 +140,22 @@ def test_scaled_llama_logits_equal_transformers(tmp_path, name):
     ids = torch.randint(0, 97, (2, 2 * MAX_LEN + 3), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rope, expected", [
+    ("{type: yarn, factor: 4.0, original_max_position_embeddings: 256}", YarnScaling(factor=4.0, original_max_position_embeddings=256)),
+    ("{type: llama3, factor: 8.0}", RopeScaling(factor=8.0)),
+    ("{type: linear, factor: 2.0}", LinearScaling(factor=2.0)),
+])
+def test_recipe_yaml_selects_the_method(tmp_path, capsys, rope, expected):
+    """`text.rope_scaling: {type: ...}` in a recipe parses (LightningCLI) into the method's dataclass."""
+    import yaml
+
+    from vlm.cli import main
+    from vlm.model import VLMConfig
+
+    (tmp_path / "rope.yaml").write_text(f"model:\n  config:\n    text:\n      rope_scaling: {rope}\n")
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", "configs/shapes.yaml", "--config", str(tmp_path / "rope.yaml"), "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert VLMConfig.from_dict(printed["model"]["config"]).text.rope_scaling == expected

@@ -18,29 +18,33 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Union
 
 import torch
 
 
-def _check_factor(kind: str, factor: float) -> None:
-    if not factor >= 1.0:
-        raise ValueError(f"rope_scaling.factor must be >= 1 for type {kind!r}, got {factor}")
+def _check_type_and_factor(scaling: object, kind: str) -> None:
+    if scaling.type != kind:
+        raise ValueError(f"{type(scaling).__name__} is rope_scaling type {kind!r}, got type {scaling.type!r}")
+    if not scaling.factor >= 1.0:
+        raise ValueError(f"rope_scaling.factor must be >= 1 for type {kind!r}, got {scaling.factor}")
 
 
 @dataclass
 class RopeScaling:
     """Llama 3.1 frequency scaling (`type: llama3`): long wavelengths are slowed by `factor`, short
-    ones kept, and the band between `high_freq_factor` and `low_freq_factor` is interpolated smoothly."""
+    ones kept, and the band between `high_freq_factor` and `low_freq_factor` is interpolated smoothly.
+    A config without `type` is llama3 scaling (as before the other methods existed)."""
 
     factor: float = 8.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    type: Literal["llama3"] = field(default="llama3", kw_only=True)
 
     def __post_init__(self) -> None:
-        _check_factor("llama3", self.factor)
+        _check_type_and_factor(self, "llama3")
         if not 0 < self.low_freq_factor < self.high_freq_factor:
             raise ValueError(
                 "rope_scaling needs 0 < low_freq_factor < high_freq_factor, got "
@@ -57,11 +61,11 @@ Llama3Scaling = RopeScaling
 class LinearScaling:
     """Position Interpolation: positions (equivalently, frequencies) divided by `factor`."""
 
-    type: Literal["linear"] = "linear"
+    type: Literal["linear"] = field(default="linear", kw_only=True)
     factor: float = 2.0
 
     def __post_init__(self) -> None:
-        _check_factor("linear", self.factor)
+        _check_type_and_factor(self, "linear")
 
 
 @dataclass
@@ -69,11 +73,11 @@ class DynamicScaling:
     """Dynamic NTK: for a sequence of length L > max_seq_len, theta is multiplied by
     ((factor * L / max_seq_len) - (factor - 1)) ** (d / (d - 2)); unchanged up to max_seq_len."""
 
-    type: Literal["dynamic"] = "dynamic"
+    type: Literal["dynamic"] = field(default="dynamic", kw_only=True)
     factor: float = 2.0
 
     def __post_init__(self) -> None:
-        _check_factor("dynamic", self.factor)
+        _check_type_and_factor(self, "dynamic")
 
 
 @dataclass
@@ -81,7 +85,7 @@ class YarnScaling:
     """YaRN. `attention_factor` None: 0.1 ln(factor) + 1, or the ratio of that with `mscale` and
     with `mscale_all_dim` when both are set (DeepSeek's form). `truncate` rounds the ramp's ends."""
 
-    type: Literal["yarn"] = "yarn"
+    type: Literal["yarn"] = field(default="yarn", kw_only=True)
     factor: float = 4.0
     original_max_position_embeddings: int = 2048
     beta_fast: float = 32.0
@@ -92,7 +96,7 @@ class YarnScaling:
     truncate: bool = True
 
     def __post_init__(self) -> None:
-        _check_factor("yarn", self.factor)
+        _check_type_and_factor(self, "yarn")
         if self.original_max_position_embeddings <= 0:
             raise ValueError("rope_scaling.original_max_position_embeddings must be positive")
         if not self.beta_fast > self.beta_slow > 0:
@@ -107,7 +111,7 @@ _BY_TYPE: dict[str, type] = {"llama3": RopeScaling, "linear": LinearScaling, "dy
 
 def rope_scaling_type(scaling: AnyRopeScaling | None) -> str:
     """`default`, `linear`, `dynamic`, `yarn` or `llama3`."""
-    return "default" if scaling is None else getattr(scaling, "type", "llama3")
+    return "default" if scaling is None else scaling.type
 
 
 def rope_scaling_from_dict(values: dict | AnyRopeScaling | None) -> AnyRopeScaling | None:

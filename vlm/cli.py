@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("vlm.training.export:main", "export a Lightning checkpoint to a vlm model directory"),
     "caption": ("vlm.caption:main", "caption images with an exported model"),
     "evaluate": ("vlm.eval.evaluate:main", "evaluate captioning on shards: JSON report and PNG grid"),
+    "evaluate-context": ("vlm.eval.context:main", "passkey retrieval and perplexity against context length"),
     "memory": ("vlm.training.memory:main", "estimate per-device memory of a recipe"),
     "features": ("vlm.training.features:main", "cache a recipe's frozen vision tower outputs over shards"),
     "index": ("vlm.retrieval.cli:main", "build a retrieval index over caption shards; query it with images"),

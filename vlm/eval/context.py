@@ -40,7 +40,7 @@ Logits = Callable[[torch.Tensor], torch.Tensor]  # ids [1, T] -> logits [1, T, v
 
 INSTRUCTION = ("There is a pass key hidden inside a lot of irrelevant text. Find it and remember it: "
                "you will be asked for it at the end.")
-FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+FILLER = (" The grass is green.", " The sky is blue.", " The sun is yellow.", " Here we go.", " There and back again.")
 QUESTION = " What is the pass key? The pass key is "
 DIGITS = 5
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -63,21 +63,32 @@ def passkey_samples(tokenizer: TextTokenizer, length: int, *, depths: Sequence[f
                     seed: int = 0) -> list[PasskeySample]:
     """`trials` samples per depth of at most `length` tokens; the same arguments give the same samples."""
     rng = random.Random(f"passkey/{seed}/{length}")
-    head, question, filler = (tokenizer.encode(t) for t in (INSTRUCTION, QUESTION, FILLER))
+    head, question = tokenizer.encode(INSTRUCTION), tokenizer.encode(QUESTION)
+    sentences = [tokenizer.encode(sentence) for sentence in FILLER]
     samples = []
     for depth in depths:
         for _ in range(trials):
             passkey = "".join(rng.choice("0123456789") for _ in range(DIGITS))
             answer = tokenizer.encode(passkey)
-            key = tokenizer.encode(" The pass key is ") + answer + tokenizer.encode(f". Remember it. {passkey} is the pass key.")
+            key = tokenizer.encode(" The pass key is ") + answer
+            key += tokenizer.encode(f". Remember it. {passkey} is the pass key.")
             room = length - len(head) - len(key) - len(question) - len(answer)
             if room < 0:
                 raise UserError(f"length {length} is too short for the passkey prompt ({length - room} tokens)")
-            count = room // len(filler)  # whole filler sentences only
-            before = round(depth * count)
-            prompt = head + filler * before + key + filler * (count - before) + question
+            filler = _filler(sentences, room)
+            before = round(depth * len(filler))  # the key goes between two whole sentences
+            prompt = head + sum(filler[:before], []) + key + sum(filler[before:], []) + question
             samples.append(PasskeySample(prompt + answer, len(prompt), passkey, depth))
     return samples
+
+
+def _filler(sentences: list[list[int]], room: int) -> list[list[int]]:
+    """The filler sentences, in turn, as many as fit in `room` tokens."""
+    filler: list[list[int]] = []
+    while room >= len(sentences[len(filler) % len(sentences)]):
+        filler.append(sentences[len(filler) % len(sentences)])
+        room -= len(filler[-1])
+    return filler
 
 
 def score_passkey(logits_fn: Logits, tokenizer: TextTokenizer, samples: Sequence[PasskeySample]) -> dict:
@@ -173,16 +184,17 @@ def load_text_model(path: str | Path, *, rope_scaling: dict | None = None, devic
 
 
 def write_report(report: dict, out: str | Path) -> tuple[Path, Path]:
-    """context.json and context.png (passkey accuracy in %, perplexity; against length) in `out`."""
+    """context.json and context.png (passkey accuracy +- its standard error, perplexity; against
+    length) in `out`."""
     from vlm.eval.plot import Series, line_chart
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     keys = [str(length) for length in report["lengths"]]
-    passkey = Series("passkey", [100 * report["passkey"][k]["accuracy"] for k in keys],
-                     [100 * report["passkey"][k]["stderr"] for k in keys])
+    passkey = Series("passkey", [report["passkey"][k]["accuracy"] for k in keys],
+                     [report["passkey"][k]["stderr"] for k in keys])
     ppl = Series("perplexity", [report["perplexity"][k]["perplexity"] for k in keys], [0.0] * len(keys))
-    chart = line_chart([("passkey retrieval (%)", [passkey]), ("perplexity", [ppl])], report["lengths"],
+    chart = line_chart([("passkey retrieval accuracy", [passkey]), ("perplexity", [ppl])], report["lengths"],
                        x_label="context length (tokens)")
     json_file, png_file = out / "context.json", out / "context.png"
     json_file.write_text(json.dumps(report, indent=2) + "\n")
@@ -217,7 +229,7 @@ def _parse_rope(text: str | None) -> dict | None:
     except json.JSONDecodeError as error:
         raise UserError(f"--rope-scaling is not JSON ({error}): {text!r}") from None
     if not isinstance(value, dict):
-        raise UserError(f"--rope-scaling must be a JSON object like {{\"type\": \"linear\", \"factor\": 4}}, got {text!r}")
+        raise UserError(f'--rope-scaling must be a JSON object like {{"type": "linear", "factor": 4}}, got {text!r}')
     return value
 
 

@@ -94,6 +94,33 @@ def test_load_text_backbone_grows_the_vocabulary(tmp_path):
         model.load_text_backbone(tmp_path / "wrong")
 
 
+def test_a_mixtral_backbone_loads_whatever_the_balancing(tmp_path):
+    """Training-only MoE settings (loss coefficients, bias balancing) do not decide the weights:
+    a Mixtral-layout backbone (aux loss, no bias) loads into a model balanced by a bias, which
+    starts at zero, and computes the same text logits."""
+    import dataclasses
+
+    from vlm.model import build_model
+    from vlm.text.moe import MoEConfig
+
+    config = tiny_model("llava").config
+    moe = MoEConfig(num_experts=4, top_k=2)
+    mixtral = Llama(dataclasses.replace(config.text, moe=moe)).eval()
+    save_llama_hf(mixtral, tmp_path)
+    biased = dataclasses.replace(moe, balance="bias", aux_loss_coef=0.0, bias_update_rate=0.01)
+    model = build_model(dataclasses.replace(config, text=dataclasses.replace(config.text, moe=biased))).eval()
+    model.load_text_backbone(tmp_path)
+    biases = [b for name, b in model.text.named_buffers() if name.endswith("expert_bias")]
+    assert len(biases) == 4 and all(not b.any() for b in biases)
+    ids = torch.randint(0, VOCAB, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(model.text(ids), mixtral(ids), atol=1e-6, rtol=1e-6)
+    fewer = build_model(dataclasses.replace(config, text=dataclasses.replace(
+        config.text, moe=dataclasses.replace(moe, num_experts=2))))
+    with pytest.raises(ValueError, match="moe: model"):
+        fewer.load_text_backbone(tmp_path)
+
+
 def test_user_defined_fusion_trains_one_step():
     @dataclass
     class MeanOptions:

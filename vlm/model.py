@@ -243,7 +243,8 @@ class VisionLanguageModel(nn.Module):
         loaded = load_llama(path)
         ours, theirs = self.text.config, loaded.config
         mismatched = [f.name for f in dataclasses.fields(LlamaConfig)
-                      if f.name not in ("vocab_size", "max_seq_len", "dropout") and getattr(ours, f.name) != getattr(theirs, f.name)]
+                      if f.name not in ("vocab_size", "max_seq_len", "dropout")
+                      and _structure(f.name, getattr(ours, f.name)) != _structure(f.name, getattr(theirs, f.name))]
         if mismatched or theirs.vocab_size > ours.vocab_size:
             details = ", ".join(f"{n}: model {getattr(ours, n)} vs checkpoint {getattr(theirs, n)}" for n in mismatched + ["vocab_size"])
             raise ValueError(f"{path}: text backbone config does not match ({details})")
@@ -253,7 +254,18 @@ class VisionLanguageModel(nn.Module):
                 old = state[key]
                 new = old.mean(0, keepdim=True).expand(ours.vocab_size - theirs.vocab_size, -1)
                 state[key] = torch.cat([old, new], 0)
+        for name, buffer in self.text.named_buffers():  # a balancing bias starts at zero (Mixtral has none)
+            if name.endswith("feed_forward.expert_bias") and name not in state:
+                state[name] = torch.zeros_like(buffer)
         self.text.load_state_dict(state, strict=True)
+
+
+def _structure(field: str, value: Any) -> Any:
+    """A text config field as far as it decides the weights: an MoE config without its training-only
+    settings (loss coefficients, bias rate, balancing), so a Mixtral checkpoint loads into any of them."""
+    if field != "moe" or value is None:
+        return value
+    return dataclasses.replace(value, aux_loss_coef=0.0, bias_update_rate=0.0, z_loss_coef=0.0, balance="none")
 
 
 def take_rows(state: Any, rows: torch.Tensor) -> Any:

@@ -122,3 +122,13 @@ def test_a_missing_expert_is_named(tmp_path):
     save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"layer 1 w3: experts \[2\] missing"):
         load_llama(tmp_path)
+
+
+def test_meta_layout_refuses_moe(tmp_path):
+    from vlm.checkpoints import save_llama_meta
+    from vlm.errors import UserError
+
+    with pytest.raises(UserError, match="Meta's layout has no Mixture-of-Experts"):
+        save_llama_meta(Llama(LlamaConfig(dim=32, n_layers=1, n_heads=2, vocab_size=16, hidden_dim=32,
+                                          moe=MoEConfig(num_experts=2, top_k=1))), tmp_path)
+    assert not list(tmp_path.iterdir())

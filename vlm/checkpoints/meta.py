@@ -12,6 +12,7 @@ import torch
 
 from vlm.checkpoints.common import _read_json, _require
 from vlm.checkpoints.rope import rope_scaling_object_from_meta, rope_scaling_to_meta
+from vlm.errors import UserError
 from vlm.text.llama import Llama, LlamaConfig
 from vlm.text.rope import RopeScaling
 
@@ -155,6 +156,9 @@ def save_llama_meta(model: Llama, path: str | Path) -> None:
 
     A tied model is written without output.weight, which is how `load_llama` knows it is tied.
     """
+    if model.config.moe is not None:
+        raise UserError("save_llama_meta: Meta's layout has no Mixture-of-Experts feed-forwards (text.moe); "
+                        "use save_llama_hf")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     c = model.config

@@ -89,6 +89,9 @@ def apply_tensor_parallel(text: nn.Module, mesh: Any) -> None:
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     size, config = mesh.size(), text.config
+    if config.moe is not None:
+        raise ValueError("tensor_parallel_size > 1 does not split MoE feed-forwards (model.config.text.moe): "
+                         "use data parallelism (configs/strategy/fsdp2.yaml with tensor_parallel_size 1)")
     if config.n_kv_heads % size or config.hidden_dim % size:
         raise ValueError(f"tensor_parallel_size {size} must divide n_kv_heads ({config.n_kv_heads}) and hidden_dim ({config.hidden_dim})")
     plan = {"attention.wq": ColwiseParallel(), "attention.wk": ColwiseParallel(), "attention.wv": ColwiseParallel(),

@@ -462,3 +462,30 @@ def check_two_ranks(folder: Path) -> None:
     assert any(n.endswith("lora_B") and p.abs().sum() > 0 for n, p in trained.items())  # the adapters trained
     for name, value in trained.items():  # 6 AdamW steps of lr 1e-2 from gradients equal to rounding (1e-7)
         torch.testing.assert_close(value, reference.get_parameter(name), atol=1e-4, rtol=1e-4)
+
+
+# --- README ---------------------------------------------------------------------------------------
+
+def test_readme_dpo_with_qlora_command_builds_its_model(tmp_path, monkeypatch):
+    """README "LoRA and QLoRA", its command block with configs/stage/dpo.yaml (DPO with QLoRA), at
+    tiny size: vlm fit's CLI composes it (DPO on NF4 bases, stage instruct) and the module builds a
+    policy whose reference is itself with the adapters disabled. Not trained here: lora_run.py and
+    test_dpo_with_lora_trains_from_log_2 train this configuration."""
+    from test_readme import TINY, command_blocks, tiny
+
+    from vlm.training.cli import VLMCLI
+    from vlm.training.preference import AdapterReference
+
+    (command,) = [c for block in command_blocks("LoRA and QLoRA") for c in block if "configs/stage/dpo.yaml" in c]
+    args = tiny(command)
+    assert args[0] == "fit" and "configs/peft/qlora.yaml" in args
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").symlink_to(CONFIGS)
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    cpu = ["--trainer.accelerator", "cpu", "--trainer.logger", "false", "--model.init_checkpoint", "null"]
+    cli = VLMCLI(args=[*args[1:], *cpu], run=False)
+    module = cli.model
+    assert module.objective == "dpo" and module.lora.quantize_base == "nf4" and module.stage == "instruct"
+    module.configure_model()
+    assert isinstance(module.reference, AdapterReference) and module.reference.model is module.model
+    assert lora_modules(module.model) and all(is_nf4(m.base.weight) for m in lora_modules(module.model).values())

@@ -162,6 +162,11 @@ class Attention(nn.Module):
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         if ctx.cache is not None:
             k, v = ctx.cache.layers[self.layer_idx].update(ctx.start, k, v)
+        if k.shape[1] != q.shape[1] and T == 1 and not ctx.is_causal:
+            # Decoding: each kv head's group of query heads become its rows, so the cache is read in
+            # place rather than repeated; the mask [B, 1, 1, S] (or none) broadcasts over the rows.
+            out = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], -1, self.head_dim), k, v, attn_mask=ctx.mask)
+            return self.wo(out.reshape(B, T, -1))
         if k.shape[1] != q.shape[1]:
             # Expanding the few kv heads is faster on CPU than SDPA's enable_gqa path.
             repeat = q.shape[1] // k.shape[1]

@@ -71,3 +71,23 @@ def test_greedy_equals_transformers_past_the_trained_length(tmp_path, name):
     prompt = torch.randint(0, 101, (1, 60), generator=torch.Generator().manual_seed(2))
     ref = hf.generate(prompt, max_new_tokens=24, do_sample=False, pad_token_id=0, eos_token_id=None)
     assert generate(ours, prompt.tolist(), max_new_tokens=24)[0] == ref[0, 60:].tolist()
+
+
+@pytest.mark.parametrize("scaling", [None, {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+                                     {"type": "dynamic", "factor": 2.0}])
+def test_rope_table_rows_equal_computed_tables(scaling):
+    """Gathered rows of the position table are bit-identical to cos/sin computed for the positions,
+    also after the table grows; dynamic scaling computes per call (its frequencies follow the length)."""
+    from vlm.text.rope import RotaryTables, rope_scaling_from_dict
+
+    tables = RotaryTables(32, 10000.0, rope_scaling_from_dict(scaling), max_seq_len=64)
+    for limit in (40, 41, 300):  # grows at 41 (to 80) and at 300
+        positions = torch.randint(0, limit, (2, 17), generator=torch.Generator().manual_seed(limit))
+        for dtype in (torch.float32, torch.bfloat16):
+            direct = tables(positions, dtype)
+            gathered = tables(positions, dtype, limit=limit)
+            assert all(torch.equal(a, b) for a, b in zip(direct, gathered))
+    if scaling is None or scaling["type"] != "dynamic":
+        assert tables._table[0].shape[0] == 300
+    else:
+        assert tables._table is None

@@ -267,7 +267,7 @@ class Llama(nn.Module):
         offset = cache.next_position[:, None] if cache is not None else 0
         # Padding does not advance positions: the first real token of each row is at position 0.
         positions = (offset + real.long().cumsum(-1) - 1).clamp_min(0)
-        cos, sin = self._rotary()(positions, dtype)
+        cos, sin = self._rotary()(positions, dtype, limit=start + seq_len)  # positions < start + seq_len
         if cache is not None:
             if start + seq_len > cache.max_len:
                 raise RuntimeError(f"KV cache overflow: {start + seq_len} positions needed, {cache.max_len} allocated")

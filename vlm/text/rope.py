@@ -221,14 +221,18 @@ def attention_scaling(scaling: AnyRopeScaling | None) -> float:
 
 
 class RotaryTables:
-    """cos/sin for a model's RoPE: the frequencies computed once per device (per length for
-    dynamic scaling, which reads the largest position, so one host sync per call), times the
-    method's attention scaling."""
+    """cos/sin for a model's RoPE, times the method's attention scaling.
+
+    Given `limit` (a bound on the positions known on the host: the cache slots in use), cos and sin
+    are rows of a table of every position below it, grown by doubling, so a decoding step gathers
+    instead of recomputing and never syncs. Dynamic scaling depends on the longest position, so it
+    reads it (one host sync per call) and computes its tables afresh."""
 
     def __init__(self, head_dim: int, theta: float, scaling: AnyRopeScaling | None, *, max_seq_len: int) -> None:
         self.head_dim, self.theta, self.scaling, self.max_seq_len = head_dim, theta, scaling, max_seq_len
         self.scale = attention_scaling(scaling)
         self._inv_freq: torch.Tensor | None = None
+        self._table: tuple[torch.Tensor, torch.Tensor] | None = None  # float32 cos, sin [N, head_dim]
 
     def inv_freq(self, positions: torch.Tensor) -> torch.Tensor:
         if rope_scaling_type(self.scaling) == "dynamic":
@@ -237,11 +241,21 @@ class RotaryTables:
                                        seq_len=seq_len, max_seq_len=self.max_seq_len)
         if self._inv_freq is None or self._inv_freq.device != positions.device:
             self._inv_freq = inverse_frequencies(self.head_dim, self.theta, self.scaling, device=positions.device)
+            self._table = None
         return self._inv_freq
 
-    def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [B, T] -> cos, sin [B, T, head_dim] in `dtype`."""
-        return rope_cos_sin(positions, self.inv_freq(positions), dtype, scale=self.scale)
+    def __call__(self, positions: torch.Tensor, dtype: torch.dtype, *, limit: int | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, T] (all below `limit` when given) -> cos, sin [B, T, head_dim] in `dtype`."""
+        inv_freq = self.inv_freq(positions)
+        if limit is None or rope_scaling_type(self.scaling) == "dynamic":
+            return rope_cos_sin(positions, inv_freq, dtype, scale=self.scale)
+        if self._table is None or self._table[0].shape[0] < limit:
+            size = max(limit, 2 * self._table[0].shape[0] if self._table is not None else 0)
+            rows = torch.arange(size, device=inv_freq.device)[None]
+            self._table = tuple(t[0] for t in rope_cos_sin(rows, inv_freq, torch.float32, scale=self.scale))
+        cos, sin = self._table
+        return cos[positions].to(dtype), sin[positions].to(dtype)
 
 
 def rope_cos_sin(

@@ -57,7 +57,8 @@ def test_frequencies_and_attention_scaling_equal_transformers(name, theta, head_
     init = rope_utils.ROPE_INIT_FUNCTIONS[rope["rope_type"]]
     # Dynamic scaling changes only past max_seq_len; check below, at and past it.
     for seq_len in (MAX_LEN // 2, MAX_LEN, 3 * MAX_LEN + 5) if name == "dynamic" else (None,):
-        ref_freq, ref_scale = init(hf_config(rope, theta=theta, head_dim=head_dim), torch.device("cpu"), seq_len=seq_len)
+        config = hf_config(rope, theta=theta, head_dim=head_dim)
+        ref_freq, ref_scale = init(config, torch.device("cpu"), seq_len=seq_len)
         scaling = ours(rope)
         freq = inverse_frequencies(head_dim, theta, scaling, seq_len=seq_len, max_seq_len=MAX_LEN)
         torch.testing.assert_close(freq, ref_freq, atol=1e-6, rtol=1e-6)
@@ -104,7 +105,8 @@ def test_meta_round_trip(tmp_path, name):
 
 
 def test_yaml_dict_round_trip_and_errors():
-    config = LlamaConfig.from_dict({"rope_scaling": {"type": "yarn", "factor": 4, "original_max_position_embeddings": 256}})
+    yarn = {"type": "yarn", "factor": 4, "original_max_position_embeddings": 256}
+    config = LlamaConfig.from_dict({"rope_scaling": yarn})
     assert config.rope_scaling == YarnScaling(factor=4, original_max_position_embeddings=256)
     assert LlamaConfig.from_dict(config.to_dict()) == config
     assert LlamaConfig(rope_scaling={"type": "dynamic", "factor": 2}).rope_scaling == DynamicScaling(factor=2)
@@ -143,7 +145,8 @@ def test_scaled_llama_logits_equal_transformers(tmp_path, name):
 
 
 @pytest.mark.parametrize("rope, expected", [
-    ("{type: yarn, factor: 4.0, original_max_position_embeddings: 256}", YarnScaling(factor=4.0, original_max_position_embeddings=256)),
+    ("{type: yarn, factor: 4.0, original_max_position_embeddings: 256}",
+     YarnScaling(factor=4.0, original_max_position_embeddings=256)),
     ("{type: llama3, factor: 8.0}", RopeScaling(factor=8.0)),
     ("{type: linear, factor: 2.0}", LinearScaling(factor=2.0)),
 ])

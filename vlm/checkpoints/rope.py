@@ -39,8 +39,9 @@ def rope_scaling_from_hf(hf: dict, *, source: str = "config.json") -> AnyRopeSca
         raise UserError(f"{source}: partial_rotary_factor {params['partial_rotary_factor']} is not supported")
     values = {k: v for k, v in params.items() if k not in (*_HF_NOT_SCALING, "partial_rotary_factor") and v is not None}
     if kind == "yarn":  # transformers' defaults: the model's length, and factor as the ratio of the two
-        values.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings", 2048))
-        values.setdefault("factor", hf.get("max_position_embeddings", 2048) / values["original_max_position_embeddings"])
+        length = hf.get("max_position_embeddings", 2048)
+        values.setdefault("original_max_position_embeddings", length)
+        values.setdefault("factor", length / values["original_max_position_embeddings"])
     _require(values, _HF_REQUIRED[kind], source, where=" in rope_scaling / rope_parameters")
     try:
         return rope_scaling_from_dict({"type": kind, **values})
@@ -83,7 +84,8 @@ def rope_scaling_to_meta(scaling: AnyRopeScaling | None) -> dict:
             "Meta's params.json fixes low_freq_factor=1 and original_max_position_embeddings=8192; "
             f"this model has {scaling.low_freq_factor} and {scaling.original_max_position_embeddings}"
         )
-    return {"use_scaled_rope": True, "rope_scaling_factor": scaling.factor, "high_freq_factor": scaling.high_freq_factor}
+    return {"use_scaled_rope": True, "rope_scaling_factor": scaling.factor,
+            "high_freq_factor": scaling.high_freq_factor}
 
 
 def rope_scaling_object_from_meta(params: dict, *, source: str) -> AnyRopeScaling | None:
@@ -92,7 +94,8 @@ def rope_scaling_object_from_meta(params: dict, *, source: str) -> AnyRopeScalin
     if values is None:
         return None
     if not isinstance(values, dict):
-        raise UserError(f"{source}: rope_scaling must be an object like {{\"type\": \"yarn\", \"factor\": 4}}, got {values!r}")
+        raise UserError(f'{source}: rope_scaling must be an object like {{"type": "yarn", "factor": 4}}, '
+                        f"got {values!r}")
     try:
         return rope_scaling_from_dict(values)
     except (ValueError, TypeError) as error:

@@ -106,7 +106,9 @@ class YarnScaling:
 
 
 AnyRopeScaling = Union[RopeScaling, LinearScaling, DynamicScaling, YarnScaling]
-_BY_TYPE: dict[str, type] = {"llama3": RopeScaling, "linear": LinearScaling, "dynamic": DynamicScaling, "yarn": YarnScaling}
+_BY_TYPE: dict[str, type] = {
+    "llama3": RopeScaling, "linear": LinearScaling, "dynamic": DynamicScaling, "yarn": YarnScaling,
+}
 
 
 def rope_scaling_type(scaling: AnyRopeScaling | None) -> str:
@@ -158,7 +160,8 @@ def _llama3(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
 def _yarn(inv_freq: torch.Tensor, s: YarnScaling, head_dim: int, theta: float) -> torch.Tensor:
     def dimension_of(rotations: float) -> float:
         # The dimension whose wavelength fits `rotations` times into the original context.
-        return head_dim * math.log(s.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+        wavelengths = s.original_max_position_embeddings / (rotations * 2 * math.pi)
+        return head_dim * math.log(wavelengths) / (2 * math.log(theta))
 
     low, high = dimension_of(s.beta_fast), dimension_of(s.beta_slow)
     if s.truncate:

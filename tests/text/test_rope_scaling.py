@@ -112,6 +112,9 @@ def test_yaml_dict_round_trip_and_errors():
     assert LlamaConfig(rope_scaling={"type": "dynamic", "factor": 2}).rope_scaling == DynamicScaling(factor=2)
     assert LlamaConfig(rope_scaling={"factor": 32.0}).rope_scaling == RopeScaling(factor=32.0)  # no type: llama3
     assert LlamaConfig(rope_scaling={"type": "llama3", "factor": 32.0}).rope_scaling == RopeScaling(factor=32.0)
+    assert LlamaConfig(rope_scaling={"rope_type": "linear", "factor": 2}).rope_scaling == LinearScaling(factor=2)
+    with pytest.raises(ValueError, match=r"both type and rope_type, and they differ: \['linear', 'yarn'\]"):
+        LlamaConfig(rope_scaling={"type": "yarn", "rope_type": "linear", "factor": 2})
     with pytest.raises(ValueError, match="rope_scaling.type 'ntk' is not one of"):
         LlamaConfig(rope_scaling={"type": "ntk", "factor": 2})
     with pytest.raises(ValueError, match=r"type 'linear': unknown keys \['beta_fast'\]"):

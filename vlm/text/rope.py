@@ -122,8 +122,10 @@ def rope_scaling_from_dict(values: dict | AnyRopeScaling | None) -> AnyRopeScali
     if values is None or not isinstance(values, dict):
         return values
     values = dict(values)
-    kind = values.pop("type", None) or values.pop("rope_type", None) or "llama3"
-    values.pop("rope_type", None)
+    kinds = {values.pop("type", None), values.pop("rope_type", None)} - {None}
+    if len(kinds) > 1:
+        raise ValueError(f"rope_scaling has both type and rope_type, and they differ: {sorted(kinds)}")
+    kind = kinds.pop() if kinds else "llama3"
     if kind not in _BY_TYPE:
         raise ValueError(f"rope_scaling.type {kind!r} is not one of {sorted(_BY_TYPE)}")
     cls = _BY_TYPE[kind]

@@ -151,6 +151,7 @@ def test_scaled_llama_logits_equal_transformers(tmp_path, name):
     ("{type: yarn, factor: 4.0, original_max_position_embeddings: 256}",
      YarnScaling(factor=4.0, original_max_position_embeddings=256)),
     ("{type: llama3, factor: 8.0}", RopeScaling(factor=8.0)),
+    ("{factor: 32.0, high_freq_factor: 4.0}", RopeScaling(factor=32.0)),  # no type: llama3, as older recipes say
     ("{type: linear, factor: 2.0}", LinearScaling(factor=2.0)),
 ])
 def test_recipe_yaml_selects_the_method(tmp_path, capsys, rope, expected):

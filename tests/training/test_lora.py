@@ -310,6 +310,11 @@ def test_dpo_reference_with_lora_is_the_starting_model_without_a_copy(variant):
     trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}  # (NF4 cannot clone)
     torch.testing.assert_close(reference.logps(first, features=None, loss_type="sigmoid"), expected, atol=1e-6, rtol=0)
     assert model.training and all(torch.equal(model.get_parameter(n), value) for n, value in trained.items())
+    table = reference.table([first])  # model.preference.reference cached scores through the same pass
+    keys = first.keys[:first.pairs]
+    rows = torch.tensor([[table[key][0] for key in keys], [table[key][2] for key in keys]])  # chosen, rejected
+    torch.testing.assert_close(rows.flatten(), expected, atol=1e-6, rtol=0)
+    assert all(torch.equal(model.get_parameter(n), value) for n, value in trained.items())
     with torch.no_grad():
         assert (pair_logps(model.eval(), first)[0] - expected).abs().max() > 1e-3  # the policy itself moved
 

@@ -194,7 +194,9 @@ class AdapterReference(Reference):
     Built before the adapters are applied (`fingerprint`: the starting model's hash, as a
     FrozenReference's); `attach` then takes the policy as it will train (adapted, sharded) and
     keeps a copy of the starting values of its trainable non-adapter parameters, usually a small
-    part (nothing besides the adapters: no copy at all)."""
+    part (nothing besides the adapters: no copy at all). Each pass also holds their trained values
+    aside while it runs: a stage that trains the embeddings fully (instruct) pays for two copies of
+    them, still far less than a FrozenReference's copy of the whole model."""
 
     def __init__(self, model: nn.Module) -> None:
         self.fingerprint = weights_hash(model)

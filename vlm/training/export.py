@@ -16,8 +16,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from vlm.checkpoints.llava_hf import save_llava_hf
 from vlm.errors import UserError
 from vlm.export import save_model

@@ -1,7 +1,6 @@
 """Mixtral checkpoints: transformers' MixtralForCausalLM, both of its file layouts, against our MoE
 Llama (same weights -> same logits, fp32), and our export read back by both."""
 
-
 import pytest
 import torch
 import torch.nn.functional as F

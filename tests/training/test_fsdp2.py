@@ -79,11 +79,12 @@ def test_tensor_parallel_decoder_matches_one_process(tmp_path, single):
 
 
 @pytest.mark.parametrize("recipe, tolerance", [
-    # Dynamic scales come from each rank's own activations (half the batch), so rounding differs a
-    # little and the difference grows over the steps (5.5e-4 at step 5 with torchao 0.18); fp8 not
-    # applied at all would differ by the fp8-vs-fp32 gap, 3e-3 to 5e-3.
-    ("tensorwise", 1e-3),
-    # Delayed scaling all-reduces the amaxes: every rank casts with the single-process scales.
+    # Delayed scaling all-reduces the amaxes: every rank casts with the single-process scales, so the
+    # sharded run must equal one process at 1e-5 (fp8 not applied at all would differ by 3e-3 to 5e-3).
+    # Dynamic tensorwise scales come from each rank's own activations (5.5e-4 apart at step 5 with
+    # torchao 0.18, tolerance 1e-3); it went through the same FSDP2 + Float8Linear path and was
+    # dropped from the suite to keep make test near 15 minutes: `pytest -k fp8_under_fsdp2` with
+    # ("tensorwise", 1e-3) added here reruns it.
     ("delayed", 1e-5),
 ])
 def test_fp8_under_fsdp2_matches_single_process_fp8(tmp_path, recipe, tolerance):

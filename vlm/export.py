@@ -44,6 +44,7 @@ from torch import nn
 from vlm.adapters import LoRALinear, adapter_state_dict, load_peft_adapter, lora_modules, save_peft_adapter, wrap_linears
 from vlm.adapters.nf4 import dequantize, is_nf4
 from vlm.checkpoints import load_llama, save_llama_hf
+from vlm.checkpoints.common import check_replaceable
 from vlm.checkpoints.llava_hf import is_llava_hf, llava_config, load_llava_hf
 from vlm.fusion import build_fusion
 from vlm.model import VisionLanguageModel, VLMConfig
@@ -188,19 +189,8 @@ def _config_json(config: VLMConfig) -> str:
 
 def _check_target(path: Path, *, overwrite: bool) -> bool:
     """Whether an existing directory at `path` must be replaced; raises if it may not be."""
-    if not path.exists():
-        return False
-    if not path.is_dir():
-        raise FileExistsError(f"{path} exists and is not a directory")
-    if not any(path.iterdir()):
-        return True
-    if not overwrite:
-        raise FileExistsError(f"{path} exists and is not empty; pass --overwrite (overwrite=True in Python) "
-                              "to replace it")
-    if not (path / CONFIG_FILE).is_file() or not (path / TEXT_DIR).is_dir():
-        raise FileExistsError(f"{path} is not a vlm model directory (no {CONFIG_FILE} and {TEXT_DIR}/); "
-                              "refusing to replace it even with --overwrite (overwrite=True)")
-    return True
+    return check_replaceable(path, overwrite=overwrite, what=f"a vlm model directory (no {CONFIG_FILE} and {TEXT_DIR}/)",
+                             ours=lambda found: (found / CONFIG_FILE).is_file() and (found / TEXT_DIR).is_dir())
 
 
 def _move_into_place(tmp: Path, path: Path, *, replace: bool) -> None:

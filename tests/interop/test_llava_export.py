@@ -116,3 +116,16 @@ def test_lora_adapters_are_merged_into_the_export(tmp_path, tokenizer):
         ours = model(ModelInput(torch.tensor([ids]), None, pixels, torch.tensor([0]))).logits
         theirs = hf(input_ids=torch.tensor([ids]), pixel_values=pixels).logits
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_existing_targets_follow_the_export_overwrite_rules(tokenizer, tmp_path):
+    model = tiny_vlm(tokenizer, TOWERS["siglip"])
+    save_llava_hf(model, tmp_path / "hf", tokenizer=tokenizer)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        save_llava_hf(model, tmp_path / "hf", tokenizer=tokenizer)
+    save_llava_hf(model, tmp_path / "hf", tokenizer=tokenizer, overwrite=True)  # a llava-hf directory is replaced
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="is not a llava-hf directory"):
+        save_llava_hf(model, tmp_path / "notes", tokenizer=tokenizer, overwrite=True)
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"

@@ -4,6 +4,7 @@ state dict that must match its model exactly."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -47,3 +48,21 @@ def load_state_exact(model: torch.nn.Module, state: dict[str, torch.Tensor], *, 
     model.load_state_dict(state, strict=not tied, assign=True)
     if tied:
         model.output.weight = model.tok_embeddings.weight
+
+
+def check_replaceable(path: Path, *, overwrite: bool, ours: Callable[[Path], bool], what: str) -> bool:
+    """Whether an existing directory at `path` is to be replaced by a writer; raises FileExistsError
+    if it may not be: a file, a non-empty directory without `overwrite`, or one that `ours` does not
+    recognise (`what` names the kind it is not), which is never replaced."""
+    if not path.exists():
+        return False
+    if not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a directory")
+    if not any(path.iterdir()):
+        return True
+    if not overwrite:
+        raise FileExistsError(f"{path} exists and is not empty; pass --overwrite (overwrite=True in Python) "
+                              "to replace it")
+    if not ours(path):
+        raise FileExistsError(f"{path} is not {what}; refusing to replace it even with --overwrite (overwrite=True)")
+    return True

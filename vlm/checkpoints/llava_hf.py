@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from vlm.checkpoints.common import _read_json, load_state_exact
+from vlm.checkpoints.common import _read_json, check_replaceable, load_state_exact
 from vlm.checkpoints.hf import config_from_hf, config_to_hf, hf_to_ours, ours_to_hf
 from vlm.checkpoints.llava_tokenizer import check_tokenizer_file, vlm_tokenizer
 from vlm.adapters import lora_modules, merge_lora
@@ -193,7 +193,8 @@ def save_llava_hf(model: VisionLanguageModel, path: str | Path, *, tokenizer: To
         model = merge_lora(copy.deepcopy(model))
     tower = export_tower(model)
     path = Path(path)
-    replace = _check_llava_target(path, overwrite=overwrite)
+    replace = check_replaceable(path, overwrite=overwrite, ours=is_llava_hf,
+                                what="a llava-hf directory (no LLaVA config.json)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{path.name}.tmp-", dir=path.parent))
     try:
@@ -283,22 +284,6 @@ def image_processor_config(tower: ExportedTower) -> dict[str, Any]:
         return {"image_processor_type": "CLIPImageProcessor", **common, "size": {"shortest_edge": size},
                 "do_center_crop": True, "crop_size": {"height": size, "width": size}}
     return {"image_processor_type": "SiglipImageProcessor", **common, "size": {"height": size, "width": size}}
-
-
-def _check_llava_target(path: Path, *, overwrite: bool) -> bool:
-    """Whether an existing directory at ``path`` is to be replaced; only a llava-hf one ever is."""
-    if not path.exists():
-        return False
-    if not path.is_dir():
-        raise FileExistsError(f"{path} exists and is not a directory")
-    if not any(path.iterdir()):
-        return True
-    if not overwrite:
-        raise FileExistsError(f"{path} exists and is not empty; pass --overwrite (overwrite=True) to replace it")
-    if not is_llava_hf(path):
-        raise FileExistsError(f"{path} is not a llava-hf directory (no LLaVA config.json); refusing to replace it "
-                              "even with --overwrite")
-    return True
 
 
 def _write_json(file: Path, data: dict[str, Any]) -> None:

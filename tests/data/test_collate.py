@@ -109,3 +109,19 @@ def test_batch_to_moves_every_tensor_and_keeps_none():
 def test_pin_memory():
     batch = Collator(pad_id=PAD, image_id=IMG)([EncodedSample("k", [IMG, 1], [X, 1], [image(1)])])
     assert batch.pin_memory().pixel_values.is_pinned()
+
+
+def test_pad_to_multiple_of_rounds_every_batch_length_up():
+    collator = Collator(pad_id=PAD, image_id=IMG, image_token_count=3, pad_to_multiple_of=4)
+    samples = [EncodedSample("a", [1, IMG, 2], [X, X, 2], [image(1.0)]), EncodedSample("b", [1, 4], [X, 4], [])]
+    batch = collator(samples)  # longest row 5 tokens -> 8
+    plain = Collator(pad_id=PAD, image_id=IMG, image_token_count=3)(samples)
+    assert batch.input_ids.shape == batch.labels.shape == batch.attention_mask.shape == (2, 8)
+    assert torch.equal(batch.input_ids[:, :5], plain.input_ids) and (batch.input_ids[:, 5:] == PAD).all()
+    assert (batch.labels[:, 5:] == X).all() and batch.attention_mask.sum().item() == plain.attention_mask.sum().item()
+    assert [collator.padded_length(n) for n in (1, 4, 5, 8, 9)] == [4, 4, 8, 8, 12]
+    assert collator([EncodedSample("c", [1, 2, 3, 4], [X, 2, 3, 4], [])]).input_ids.shape == (1, 4)  # a multiple stays
+    assert Collator(pad_id=PAD, image_id=IMG, image_token_count=3, pad_to_multiple_of=1)(samples).input_ids.shape == (2, 5)
+    for bad in (0, -8, True):
+        with pytest.raises(ValueError, match="pad_to_multiple_of must be >= 1"):
+            Collator(pad_id=PAD, image_id=IMG, pad_to_multiple_of=bad)

@@ -89,19 +89,25 @@ class Collator:
         max_length: longest sequence kept after expansion (see the module docstring); None keeps all.
         features: the samples' images are cached tower outputs [num_tokens, dim], collated into
             `Batch.image_features` instead of `pixel_values`.
+        pad_to_multiple_of: every batch's length is rounded up to a multiple of it (more padding),
+            so that a compiled model sees a bounded number of sequence lengths; None pads to the
+            longest row only.
     """
 
     def __init__(self, *, pad_id: int, image_id: int, image_token_count: int = 1, max_length: int | None = None,
-                 features: bool = False):
+                 features: bool = False, pad_to_multiple_of: int | None = None):
         if image_token_count < 1:
             raise ValueError(f"image_token_count must be >= 1, got {image_token_count}")
         if max_length is not None and max_length < 1:
             raise ValueError(f"max_length must be >= 1 or None, got {max_length}")
+        if pad_to_multiple_of is not None and (isinstance(pad_to_multiple_of, bool) or pad_to_multiple_of < 1):
+            raise ValueError(f"pad_to_multiple_of must be >= 1 or None, got {pad_to_multiple_of!r}")
         if pad_id == image_id:
             raise ValueError(f"pad_id and image_id are both {pad_id}; padding would look like image slots")
         self.pad_id, self.image_id = pad_id, image_id
         self.image_token_count, self.max_length = image_token_count, max_length
         self.features = features
+        self.pad_to_multiple_of = pad_to_multiple_of
         self.truncated_samples = 0
         self.dropped_images = 0
         self.dropped_pairs = 0
@@ -160,7 +166,7 @@ class Collator:
     def _batch(self, rows: list[tuple], images: list[list], owners: list[int], *, keys: tuple[str, ...],
                pairs: int | None = None) -> Batch:
         """Right-pad `rows` (ids, labels, _) into one Batch; `images` per owner, flattened in order."""
-        length = max(len(ids) for ids, _, _ in rows)
+        length = self.padded_length(max(len(ids) for ids, _, _ in rows))
         input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -176,6 +182,11 @@ class Collator:
         if self.features:
             return Batch(input_ids, labels, attention_mask, None, owners, keys, image_features=stacked, pairs=pairs)
         return Batch(input_ids, labels, attention_mask, stacked, owners, keys, pairs=pairs)
+
+    def padded_length(self, longest: int) -> int:
+        """The batch length for a longest row of `longest` tokens (see `pad_to_multiple_of`)."""
+        multiple = self.pad_to_multiple_of
+        return longest if multiple is None else -(-longest // multiple) * multiple
 
     def expand(self, sample: EncodedSample) -> tuple[torch.Tensor, torch.Tensor, list]:
         """Expanded (and possibly truncated) ids [T'], labels [T'] and the images kept."""

@@ -56,6 +56,8 @@ class VLMDataModule(L.LightningDataModule):
             `vlm features build`): training reads them instead of running the tower. Refused when
             the tower trains, the train transform is random, or the cache was made by another
             tower, checkpoint, image size or precision. Validation still runs the tower on images.
+        pad_to_multiple_of: every batch's sequence length is rounded up to a multiple of it, so a
+            compiled model sees a bounded number of shapes (None: padded to the longest row).
     """
 
     def __init__(
@@ -77,8 +79,12 @@ class VLMDataModule(L.LightningDataModule):
         handler: str = "skip",
         max_skip_fraction: float = 0.05,
         features: str | None = None,
+        pad_to_multiple_of: int | None = None,
     ) -> None:
         super().__init__()
+        if pad_to_multiple_of is not None and (type(pad_to_multiple_of) is not int or pad_to_multiple_of < 1):
+            raise UserError(f"data.pad_to_multiple_of must be a positive integer or null, got {pad_to_multiple_of!r}")
+        self.pad_to_multiple_of = pad_to_multiple_of
         self.train_patterns, self.val_patterns = train_shards, val_shards
         self.test_patterns, self.predict_patterns = test_shards, predict_shards
         self.tokenizer_path, self.tokenizer_vocab_size = Path(tokenizer), tokenizer_vocab_size
@@ -186,7 +192,7 @@ class VLMDataModule(L.LightningDataModule):
         features = self._feature_store(model) if train and self.features else None
         collator = Collator(pad_id=self.tokenizer.pad_id, image_id=self.tokenizer.image_id,
                             image_token_count=model.tokens_per_image, max_length=self.max_length,
-                            features=features is not None)
+                            features=features is not None, pad_to_multiple_of=self.pad_to_multiple_of)
         if features is not None:
             collator = FeatureCollator(collator, features)
         shards = self._shards(patterns, what)

@@ -107,7 +107,14 @@ class VisionLanguageModel(nn.Module):
 
         A batch with `image_features` (a frozen tower's outputs, cached by `vlm features build`)
         skips the tower: those are exactly what `self.vision(pixel_values)` would return. Such a
-        batch without images has them empty, [0, Nv, Dv] (`vlm.data.features.FeatureCollator`)."""
+        batch without images has them empty, [0, Nv, Dv] (`vlm.data.features.FeatureCollator`).
+
+        A new batch (no `state` yet) is first checked by `fusion.check`, which reads tensor values
+        and so runs only outside compilation: a compiled model refuses bad inputs with the same
+        messages, before its compiled code runs. A decoding step (with `state`) is not re-checked:
+        its tokens are sampled, and never `<|image|>`."""
+        if state is None and not torch.compiler.is_compiling():
+            self.fusion.check(batch)
         pixels = getattr(batch, "pixel_values", None)
         features = getattr(batch, "image_features", None)
         if features is not None and features.shape[0] > 0:

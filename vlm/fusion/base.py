@@ -67,6 +67,12 @@ class Fusion(nn.Module):
         """How many `<|image|>` placeholder tokens one image occupies in the text."""
         raise NotImplementedError
 
+    def check(self, batch: FusionBatch) -> None:
+        """Refuse a batch this fusion cannot run (e.g. placeholders that do not match the images)
+        with a clear ValueError. The model calls it before `prepare`, outside compiled code: checks
+        that read tensor values sync with the host, so they are kept out of the hooks below, which
+        stay free of data-dependent control flow and compile without graph breaks."""
+
     def prepare(self, features: torch.Tensor | None, batch: FusionBatch, state: Any = None) -> Any:
         raise NotImplementedError
 
@@ -117,11 +123,27 @@ def build_fusion(config: FusionConfig | Mapping, *, text: LlamaConfig, vision_di
     return cls(config.parsed_options(), text=text, vision_dim=vision_dim, vision_tokens=vision_tokens, image_token_id=image_token_id)
 
 
+def num_images(batch: FusionBatch) -> int:
+    """How many images `batch` brings: cached tower outputs when it has some, else pixel values
+    (the same choice as `VisionLanguageModel.hidden`)."""
+    for name in ("image_features", "pixel_values"):
+        value = getattr(batch, name, None)
+        if value is not None and value.shape[0] > 0:
+            return value.shape[0]
+    return 0
+
+
 def images_per_row(batch: FusionBatch, num_images: int) -> torch.Tensor:
-    """[B] number of images of each row, from `image_sample_index`."""
+    """[B] number of images of each row, from `image_sample_index`.
+
+    A scatter-add of ones rather than `bincount`: its output size is the number of rows, not the
+    largest index, so the shape is static and the op compiles without a graph break. An index
+    outside [0, B) is left to `Fusion.check` (scatter_add would fail on it)."""
     rows = batch.input_ids.shape[0]
+    counts = torch.zeros(rows, dtype=torch.long, device=batch.input_ids.device)
     if num_images == 0:
-        return torch.zeros(rows, dtype=torch.long, device=batch.input_ids.device)
+        return counts
     if batch.image_sample_index is None:
         raise ValueError("batch has images but no image_sample_index")
-    return torch.bincount(batch.image_sample_index, minlength=rows)
+    index = batch.image_sample_index
+    return counts.scatter_add(0, index, torch.ones_like(index))

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vlm.fusion.base import Fusion, FusionBatch, images_per_row, register
+from vlm.fusion.base import Fusion, FusionBatch, images_per_row, num_images, register
 
 
 @dataclass
@@ -68,19 +68,29 @@ class LlavaFusion(Fusion):
     def prepare_blank(self, features: torch.Tensor, batch: FusionBatch) -> LlavaState:
         return LlavaState(batch.input_ids, None, None, anchor=self.projector(features).sum() * 0.0)
 
-    def embed(self, h: torch.Tensor, state: LlavaState) -> torch.Tensor:
-        if state.anchor is not None:
-            h = h + state.anchor.to(h.dtype)
-        slots = state.input_ids == self.image_token_id  # [B, T]
-        found = slots.sum(-1)
-        expected = (state.counts if state.counts is not None else torch.zeros_like(found)) * self.vision_tokens
+    def check(self, batch: FusionBatch) -> None:
+        """Each row must hold exactly `tokens_per_image` placeholders per image of that row."""
+        images = num_images(batch)
+        counts = images_per_row(batch, images) if images else None
+        if counts is not None and not bool(((batch.image_sample_index >= 0)
+                                             & (batch.image_sample_index < len(counts))).all()):
+            raise ValueError(f"image_sample_index {batch.image_sample_index.tolist()} points outside the batch's "
+                             f"{len(counts)} rows")
+        found = (batch.input_ids == self.image_token_id).sum(-1)
+        expected = (counts if counts is not None else torch.zeros_like(found)) * self.vision_tokens
         if not torch.equal(found, expected):
             row = int((found != expected).nonzero()[0])
             raise ValueError(
                 f"sample {row}: {int(found[row])} image placeholder tokens but "
                 f"{int(expected[row]) // self.vision_tokens} image(s) x {self.vision_tokens} tokens = {int(expected[row])}"
             )
+
+    def embed(self, h: torch.Tensor, state: LlavaState) -> torch.Tensor:
+        if state.anchor is not None:
+            h = h + state.anchor.to(h.dtype)
         if state.image_embeds is None:
             return h
-        # Images are ordered by row, then by appearance, which is the row-major order of the slots.
+        # `check` has matched the slots to the images. They are ordered by row, then by appearance,
+        # which is the row-major order of the slots.
+        slots = state.input_ids == self.image_token_id  # [B, T]
         return h.masked_scatter(slots[..., None], state.image_embeds.to(h.dtype))

@@ -4,6 +4,11 @@ The plain route materialises logits [B, T, V] (1 GB for a batch of 8 x 2048 toke
 128k vocabulary), then their log-softmax and its gradient. Here each chunk of positions computes
 its logits, loss and both gradients at once and frees them; positions labelled `ignore_index`
 (prompts, image tokens, padding: most of a VLM batch) never reach the projection at all.
+
+Under `torch.compile` the selection of those positions (`nonzero`, whose size depends on the data)
+would break the graph, so compiled code takes a static-shape path instead: every position goes
+through the projection in fixed chunks and ignored ones are masked out of the loss and gradients.
+It gives the same loss and gradients (tested), and pays the head's FLOPs on ignored positions.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001
         grad_h, grad_w = ctx.saved_tensors
-        if grad_out.numel() != 1 or float(grad_out) != 1.0:  # the loss is usually the root: skip two copies
+        # Compiled code never reads the value on the host (a graph break): it always scales.
+        if torch.compiler.is_compiling() or grad_out.numel() != 1 or float(grad_out) != 1.0:  # the loss is usually the root: skip two copies
             grad_h = grad_h * grad_out if grad_h is not None else None
             grad_w = grad_w * grad_out if grad_w is not None else None
         grad_w = grad_w.to(ctx.weight_dtype) if grad_w is not None else None
@@ -38,8 +44,9 @@ def _loss_and_grads(hidden, weight, labels, chunk_size, ignore_index, label_smoo
     # Under autocast the matmuls run in its dtype (as the head would), softmax in float32, and the
     # weight gradient accumulates in float32; autocast itself is off so that dtypes stay explicit.
     compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    chunked = _chunked_static if torch.compiler.is_compiling() else _chunked
     with torch.autocast(device, enabled=False):
-        return _chunked(hidden, weight.to(compute), labels, chunk_size, ignore_index, label_smoothing,
+        return chunked(hidden, weight.to(compute), labels, chunk_size, ignore_index, label_smoothing,
                         need_h=need_h, need_w=need_w)
 
 
@@ -73,6 +80,34 @@ def _chunked(hidden, weight, labels, chunk_size, ignore_index, label_smoothing, 
             if need_w:
                 grad_w.addmm_(grad.T, h.float(), alpha=1.0 / count)
     return total / count, grad_h, grad_w
+
+
+def _chunked_static(hidden, weight, labels, chunk_size, ignore_index, label_smoothing, *, need_h: bool, need_w: bool):
+    # `_chunked` without the data-dependent selection: all N positions in chunks, ignored rows
+    # weighted 0 (their label replaced by 0 so that gather stays in range).
+    uniform = label_smoothing / weight.shape[0]
+    keep = labels != ignore_index  # [N]
+    scale = 1.0 / keep.sum().clamp_min(1).float()
+    targets = torch.where(keep, labels, 0)
+    grad_h = torch.zeros_like(hidden) if need_h else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, y = hidden[start : start + chunk_size].to(weight.dtype), targets[start : start + chunk_size]
+        weight_rows = keep[start : start + chunk_size, None].float()  # [n, 1]
+        log_probs = torch.log_softmax((h @ weight.T).float(), -1)  # [n, V]
+        per_row = log_probs.gather(1, y[:, None])  # [n, 1]
+        if label_smoothing:
+            per_row = (1.0 - label_smoothing) * per_row + uniform * log_probs.sum(-1, keepdim=True)
+        total = total - (per_row * weight_rows).sum()
+        if need_h or need_w:
+            target = torch.nn.functional.one_hot(y, weight.shape[0]).float() * (1.0 - label_smoothing) + uniform
+            grad = (log_probs.exp() - target) * (weight_rows * scale)  # [n, V]
+            if need_h:
+                grad_h[start : start + chunk_size] = (grad.to(weight.dtype) @ weight).to(grad_h.dtype)
+            if need_w:
+                grad_w = grad_w + grad.T @ h.float()
+    return total * scale, grad_h, grad_w
 
 
 def default_chunk_size(vocab_size: int) -> int:

@@ -66,7 +66,15 @@ def test_image_token_count_mismatch_names_sample():
     batch.image_sample_index = torch.tensor([0, 0, 1, 1])
     batch.pixel_values = torch.stack(images(4))
     with pytest.raises(ValueError, match="sample 0: 3 <|image|> tokens but 2 image"):
-        model(batch)
+        model.fusion.check(batch)  # VisionLanguageModel calls it before prepare, outside compilation
+
+
+def test_more_than_max_images_in_a_sample_is_refused_by_check():
+    model = tiny_model("flamingo", max_images=2)
+    batch = batch_from(model, [ROW, ROW[:5]], [images(3), images(1)])
+    with pytest.raises(ValueError, match="a sample has more than max_images=2 images"):
+        model.fusion.check(batch)
+    model.fusion.check(batch_from(model, [ROW[:9], ROW[:5]], [images(2), images(1)]))  # two each: fine
 
 
 @pytest.mark.parametrize("immediate", [True, False])

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlm.fusion.base import Fusion, FusionBatch, images_per_row, register
+from vlm.text.llama import sample_starts
 
 
 @dataclass
@@ -80,9 +81,8 @@ class PerceiverResampler(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, features: torch.Tensor, image_order: torch.Tensor) -> torch.Tensor:
-        """features [N, Nv, D], image_order [N] (0 = first image of its sample) -> latents [N, L, D]."""
-        if int(image_order.max()) >= self.media_pos.shape[0]:
-            raise ValueError(f"a sample has more than max_images={self.media_pos.shape[0]} images")
+        """features [N, Nv, D], image_order [N] (0 = first image of its sample, < max_images: see
+        `FlamingoFusion.check`) -> latents [N, L, D]."""
         features = features + self.media_pos[image_order][:, None] + self.token_pos
         latents = self.latents.expand(features.shape[0], -1, -1)
         for attention, ff in self.layers:
@@ -134,9 +134,11 @@ def _merge(x: torch.Tensor) -> torch.Tensor:
 @dataclass
 class FlamingoState:
     media: torch.Tensor | None  # [B, M, L, Dv] latents, zero for missing images
-    media_index: torch.Tensor  # [B, T] 1-based index of the latest image at/before each token; 0 = none
+    media_index: torch.Tensor  # [B, T] 1-based index (in the row) of the latest image at/before each token; 0 = none
     seen: torch.Tensor  # [B] images passed so far, for the next decoding chunk
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # reused while decoding
+    # Packed rows: [B, T] images of the row before each token's sample; a token sees only later ones.
+    before: torch.Tensor | None = None
 
 
 @register("flamingo")
@@ -159,19 +161,34 @@ class FlamingoFusion(Fusion):
     def tokens_per_image(self) -> int:
         return 1  # the <|image|> token only marks where the image stands
 
+    def check(self, batch: FusionBatch) -> None:
+        """Refuse a batch whose rows' <|image|> tokens and images differ in number, or with a sample
+        (of a packed row: each of its samples) of more than `max_images` images. Runs outside the
+        compiled graph (it reads tensor values); `prepare` trusts it."""
+        marks = (batch.input_ids == self.image_token_id).long()
+        images = _batch_images(batch)
+        counts = images_per_row(batch, 0 if images is None else images.shape[0])
+        if not torch.equal(marks.sum(-1), counts):
+            row = int((marks.sum(-1) != counts).nonzero()[0])
+            raise ValueError(f"sample {row}: {int(marks[row].sum())} <|image|> tokens but {int(counts[row])} image(s)")
+        sample_ids = getattr(batch, "sample_ids", None)
+        per_sample = (marks.sum(-1) if sample_ids is None  # [B] or [B, samples + 1]
+                      else marks.new_zeros(marks.shape[0], marks.shape[1] + 1).scatter_add(1, sample_ids, marks))
+        if marks.numel() and int(per_sample.max()) > self.options.max_images:
+            raise ValueError(f"a sample has more than max_images={self.options.max_images} images")
+
     def prepare(self, features: torch.Tensor | None, batch: FusionBatch, state: FlamingoState | None = None) -> FlamingoState:
         marks = (batch.input_ids == self.image_token_id).long()
         if state is not None and features is None:  # a decoding step: same images, more text
             media_index = state.seen[:, None] + marks.cumsum(-1)
             return FlamingoState(state.media, media_index, media_index[:, -1], state.kv)
-        num_images = 0 if features is None else features.shape[0]
-        counts = images_per_row(batch, num_images)
-        if not torch.equal(marks.sum(-1), counts):
-            row = int((marks.sum(-1) != counts).nonzero()[0])
-            raise ValueError(f"sample {row}: {int(marks[row].sum())} <|image|> tokens but {int(counts[row])} image(s)")
-        media_index = marks.cumsum(-1)
-        media = None if num_images == 0 else self._resample(features, batch.image_sample_index, counts)
-        return FlamingoState(media, media_index, media_index[:, -1])
+        media_index = marks.cumsum(-1)  # [B, T]
+        sample_ids = getattr(batch, "sample_ids", None)
+        before = None if sample_ids is None else (media_index - marks).gather(1, sample_starts(sample_ids))
+        media = None
+        if features is not None and features.shape[0] > 0:
+            media = self._resample(features, batch, media_index, marks, before)
+        return FlamingoState(media, media_index, media_index[:, -1], before=before)
 
     def prepare_blank(self, features: torch.Tensor, batch: FusionBatch) -> FlamingoState:
         # Every row gets the blank image's latents, but no token may see them: the blocks run, the
@@ -182,15 +199,30 @@ class FlamingoFusion(Fusion):
         zeros = torch.zeros_like(batch.input_ids)
         return FlamingoState(media, zeros, zeros[:, -1])
 
-    def _resample(self, features: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def _resample(self, features: torch.Tensor, batch: FusionBatch, media_index: torch.Tensor, marks: torch.Tensor,
+                  before: torch.Tensor | None) -> torch.Tensor:
+        """media [B, M, L, Dv]: row b's i-th image at [b, i]; the media position embedding is the
+        image's order within its sample (within its row unless packed)."""
+        rows = batch.image_sample_index
         order = torch.sort(rows, stable=True).indices
         rows, features = rows[order], features[order]
+        counts = torch.zeros(marks.shape[0], dtype=torch.long, device=rows.device).index_add_(0, rows, torch.ones_like(rows))
         first = torch.cumsum(counts, 0) - counts  # index of each row's first image
-        image_order = torch.arange(len(rows), device=rows.device) - first[rows]
+        slot = torch.arange(len(rows), device=rows.device) - first[rows]  # [N] the image's order in its row
+        image_order = slot if before is None else slot - _images_before(media_index, marks, before)[rows, slot]
         latents = self.resampler(features, image_order)  # [N, L, Dv]
-        media = latents.new_zeros(len(counts), int(counts.max()), *latents.shape[1:])
-        media[rows, image_order] = latents
+        media = latents.new_zeros(len(counts), self._media_slots(counts, features, packed=before is not None),
+                                  *latents.shape[1:])
+        media[rows, slot] = latents
         return media
+
+    def _media_slots(self, counts: torch.Tensor, features: torch.Tensor, *, packed: bool) -> int:
+        """Images per row of the media tensor: the batch's most, or under compilation a bound known
+        without reading tensors (max_images; every image of the batch for packed rows). Extra slots
+        are zeros that no token sees."""
+        if not torch.compiler.is_compiling():
+            return int(counts.max())
+        return features.shape[0] if packed else self.options.max_images
 
     def before_layer(self, index: int, h: torch.Tensor, state: FlamingoState) -> torch.Tensor:
         if state.media is None or index % self.options.cross_attn_every:
@@ -199,8 +231,9 @@ class FlamingoFusion(Fusion):
         B, M, L, _ = state.media.shape
         key_image = torch.arange(1, M + 1, device=h.device).repeat_interleave(L)  # [M*L]
         current = state.media_index[..., None]  # [B, T, 1]
-        allowed = key_image == current if self.options.only_attend_immediate else key_image <= current
-        visible = current > 0
+        before = 0 if state.before is None else state.before[..., None]  # packed: other samples' images
+        allowed = key_image == current if self.options.only_attend_immediate else (key_image <= current) & (key_image > before)
+        visible = current > before
         # A token that sees no image would make an all-masked softmax (NaN); let it look, then zero it.
         allowed = allowed | ~visible
         h, kv = self.blocks[block_index](h, state.media.flatten(1, 2).to(h.dtype), allowed[:, None], visible.to(h.dtype),
@@ -208,3 +241,18 @@ class FlamingoFusion(Fusion):
         if not torch.is_grad_enabled():  # decoding: keys/values of the images never change
             state.kv[block_index] = kv
         return h
+
+
+def _batch_images(batch: FusionBatch) -> torch.Tensor | None:
+    """The batch's images: pixels, or cached tower features."""
+    features = getattr(batch, "image_features", None)
+    return features if features is not None and features.shape[0] > 0 else getattr(batch, "pixel_values", None)
+
+
+def _images_before(media_index: torch.Tensor, marks: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+    """[B, T + 1] where column i of row b holds how many images of row b precede the sample of the
+    row's image i (built by a scatter, so no data-dependent shape). Columns past a row's images
+    hold whatever the non-image tokens wrote there, unused."""
+    T = marks.shape[1]
+    column = torch.where(marks.bool(), media_index - 1, T)  # an image's order in its row; T = not an image
+    return marks.new_zeros(marks.shape[0], T + 1).scatter_(1, column, before * marks)

@@ -19,6 +19,13 @@ from vlm.text.loss import fused_linear_cross_entropy, shift_labels
 from vlm.text.moe import Experts, MoEConfig, MoEFeedForward
 from vlm.text.rope import AnyRopeScaling, RotaryTables, apply_rope, rope_scaling_from_dict
 
+try:
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:  # an older torch: packed rows use the boolean-mask SDPA path
+    BlockMask = create_block_mask = flex_attention = None
+
+PACKED_KERNELS = ("auto", "flex", "sdpa")
+
 
 @dataclass
 class LlamaConfig:
@@ -136,10 +143,11 @@ class StepContext:
 
     cos: torch.Tensor  # [B, T, head_dim]
     sin: torch.Tensor
-    mask: torch.Tensor | None  # bool [B, 1, T, S], True = may attend; None with is_causal
+    mask: torch.Tensor | None  # bool [B, 1, T, S], True = may attend; None with is_causal or block_mask
     is_causal: bool
     cache: Cache | None = None
     start: int = 0  # where this call's keys go in the cache
+    block_mask: BlockMask | None = None  # packed rows on the FlexAttention kernel (then mask is None)
     extras: dict = field(default_factory=dict)  # room for fusions (e.g. cross-attention caches)
 
 
@@ -162,6 +170,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         if ctx.cache is not None:
             k, v = ctx.cache.layers[self.layer_idx].update(ctx.start, k, v)
+        if ctx.block_mask is not None:  # packed rows: blocks across samples are skipped
+            out = flex_attention(q, k, v, block_mask=ctx.block_mask, enable_gqa=k.shape[1] != q.shape[1])
+            return self.wo(out.transpose(1, 2).reshape(B, T, -1))
         if k.shape[1] != q.shape[1] and T == 1 and not ctx.is_causal:
             # Decoding: each kv head's group of query heads become its rows, so the cache is read in
             # place rather than repeated; the mask [B, 1, 1, S] (or none) broadcasts over the rows.
@@ -230,6 +241,7 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.packed_attention = "auto"  # kernel for packed rows: "auto" | "flex" | "sdpa" (see packed_context)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.reset_parameters()
@@ -250,13 +262,22 @@ class Llama(nn.Module):
         return Cache(layers, batch_size, max_len, self.tok_embeddings.weight.device)
 
     def context(
-        self, seq_len: int, *, attention_mask: torch.Tensor | None = None, cache: Cache | None = None, batch_size: int = 1
+        self, seq_len: int, *, attention_mask: torch.Tensor | None = None, cache: Cache | None = None, batch_size: int = 1,
+        sample_ids: torch.Tensor | None = None,
     ) -> StepContext:
         """Positions, RoPE tables and the attention mask for `seq_len` new tokens.
 
         `attention_mask` [B, T] marks the new tokens: 1 real, 0 padding. With a cache, this call
         reserves the next `seq_len` cache slots, so build exactly one context per forward call.
+        `sample_ids` [B, T] marks packed rows (1, 2, ... per sample, 0 = padding; it implies the
+        attention mask): each token attends causally within its own sample and positions restart
+        at 0 per sample (see `packed_context`). The mask is built from tensors only (no host sync);
+        the `is_causal` path is taken only when neither a mask, a cache nor sample ids are given.
         """
+        if sample_ids is not None:
+            if cache is not None:
+                raise ValueError("packed rows (sample_ids) are for training and scoring; decode with one sample per row")
+            return self.packed_context(sample_ids)
         device, dtype = self.tok_embeddings.weight.device, self.tok_embeddings.weight.dtype
         if attention_mask is not None:
             batch_size = attention_mask.shape[0]
@@ -268,6 +289,8 @@ class Llama(nn.Module):
         # Padding does not advance positions: the first real token of each row is at position 0.
         positions = (offset + real.long().cumsum(-1) - 1).clamp_min(0)
         cos, sin = self._rotary()(positions, dtype, limit=start + seq_len)  # positions < start + seq_len
+        if cache is None and attention_mask is None:
+            return StepContext(cos=cos, sin=sin, mask=None, is_causal=True)  # plain causal: the fastest SDPA path
         if cache is not None:
             if start + seq_len > cache.max_len:
                 raise RuntimeError(f"KV cache overflow: {start + seq_len} positions needed, {cache.max_len} allocated")
@@ -277,23 +300,45 @@ class Llama(nn.Module):
             keys_real = cache.key_mask[:, : start + seq_len]
         else:
             keys_real = real
-        mask, is_causal = self._attention_mask(seq_len, start, keys_real)
-        return StepContext(cos=cos, sin=sin, mask=mask, is_causal=is_causal, cache=cache, start=start)
+        mask = self._attention_mask(seq_len, start, keys_real)
+        return StepContext(cos=cos, sin=sin, mask=mask, is_causal=False, cache=cache, start=start)
 
     @staticmethod
-    def _attention_mask(seq_len: int, start: int, keys_real: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
-        has_padding = not bool(keys_real.all())
-        if not has_padding and start == 0:
-            return None, True  # plain causal: the fastest SDPA path
-        if not has_padding and seq_len == 1:
-            return None, False  # one new token sees every cached key
+    def _attention_mask(seq_len: int, start: int, keys_real: torch.Tensor) -> torch.Tensor:
+        """bool [B, 1, T, S]: query start + t sees key s when s <= start + t and s is real."""
         total = keys_real.shape[1]
         query_pos = torch.arange(start, start + seq_len, device=keys_real.device)
         key_pos = torch.arange(total, device=keys_real.device)
         causal = key_pos[None, :] <= query_pos[:, None]  # [T, S]
         # A padding query would see no key at all (NaN rows); let it see itself, its output is unused.
         allowed = causal[None] & (keys_real[:, None, :] | (key_pos[None, :] == query_pos[:, None])[None])
-        return allowed[:, None], False  # [B, 1, T, S]
+        return allowed[:, None]  # [B, 1, T, S]
+
+    def packed_context(self, sample_ids: torch.Tensor) -> StepContext:
+        """The context of packed rows, sample_ids [B, T] (1, 2, ... per sample, 0 = padding), each
+        sample's tokens contiguous: a block-diagonal causal mask and positions restarting per sample.
+
+        The kernel is `self.packed_attention`: "flex" (FlexAttention with a block mask that skips
+        the blocks across samples; meant for a compiled model), "sdpa" (a boolean mask [B, 1, T, T]),
+        or "auto": flex on CUDA, sdpa elsewhere. Padding tokens form one more block, unused."""
+        weight = self.tok_embeddings.weight
+        T = sample_ids.shape[1]
+        index = torch.arange(T, device=sample_ids.device)
+        cos, sin = self._rotary()(index - sample_starts(sample_ids), weight.dtype, limit=T)
+        if self._packed_kernel(weight.device) == "flex":
+            return StepContext(cos=cos, sin=sin, mask=None, is_causal=False, block_mask=_block_mask(sample_ids))
+        same = sample_ids[:, :, None] == sample_ids[:, None, :]  # [B, T, T]
+        return StepContext(cos=cos, sin=sin, mask=(same & (index[None, :] <= index[:, None]))[:, None], is_causal=False)
+
+    def _packed_kernel(self, device: torch.device) -> str:
+        kernel = self.packed_attention
+        if kernel not in PACKED_KERNELS:
+            raise ValueError(f"Llama.packed_attention must be one of {PACKED_KERNELS}, got {kernel!r}")
+        if kernel == "auto":
+            return "flex" if device.type == "cuda" and flex_attention is not None else "sdpa"
+        if kernel == "flex" and flex_attention is None:
+            raise ValueError("Llama.packed_attention 'flex': this torch build has no torch.nn.attention.flex_attention")
+        return kernel
 
     def _rotary(self) -> RotaryTables:
         # Built on first use rather than kept as a buffer, so meta-device construction and
@@ -306,21 +351,23 @@ class Llama(nn.Module):
         return cached
 
     def hidden(
-        self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None, cache: Cache | None = None
+        self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None, cache: Cache | None = None,
+        sample_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids [B, T] -> final normalised hidden states [B, T, dim]."""
+        """input_ids [B, T] -> final normalised hidden states [B, T, dim] (`sample_ids`: see `context`)."""
         B, T = input_ids.shape
-        ctx = self.context(T, attention_mask=attention_mask, cache=cache, batch_size=B)
+        ctx = self.context(T, attention_mask=attention_mask, cache=cache, batch_size=B, sample_ids=sample_ids)
         h = self.tok_embeddings(input_ids)
         for layer in self.layers:
             h = layer(h, ctx)
         return self.norm(h)
 
     def forward(
-        self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None, cache: Cache | None = None
+        self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None, cache: Cache | None = None,
+        sample_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, vocab_size]."""
-        return self.output(self.hidden(input_ids, attention_mask=attention_mask, cache=cache))
+        return self.output(self.hidden(input_ids, attention_mask=attention_mask, cache=cache, sample_ids=sample_ids))
 
     def loss(
         self,
@@ -329,9 +376,29 @@ class Llama(nn.Module):
         *,
         attention_mask: torch.Tensor | None = None,
         label_smoothing: float = 0.0,
+        sample_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Mean next-token cross-entropy: position t predicts labels[t+1]; -100 labels are ignored.
 
         Never materialises the full logits (see `vlm.text.loss`, also for `label_smoothing`)."""
-        h = self.hidden(input_ids, attention_mask=attention_mask)
+        h = self.hidden(input_ids, attention_mask=attention_mask, sample_ids=sample_ids)
         return fused_linear_cross_entropy(h, self.output.weight, shift_labels(labels), label_smoothing=label_smoothing)
+
+
+def sample_starts(sample_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] the index where each token's sample starts, for packed rows sample_ids [B, T] whose
+    samples are contiguous runs of one id (padding, id 0, is a run too)."""
+    index = torch.arange(sample_ids.shape[1], device=sample_ids.device)
+    starts = torch.ones_like(sample_ids, dtype=torch.bool)
+    starts[:, 1:] = sample_ids[:, 1:] != sample_ids[:, :-1]  # [B, T] the first token of each run
+    return torch.where(starts, index, 0).cummax(-1).values
+
+
+def _block_mask(sample_ids: torch.Tensor) -> BlockMask:
+    """FlexAttention's block mask for packed rows [B, T]: causal within each sample (padding included)."""
+
+    def same_sample_causal(b, h, q, kv):
+        return (sample_ids[b, q] == sample_ids[b, kv]) & (kv <= q)
+
+    B, T = sample_ids.shape
+    return create_block_mask(same_sample_causal, B, None, T, T, device=sample_ids.device)

@@ -77,6 +77,7 @@ def fit_command(args: argparse.Namespace, fusion: str, kind: str, out: Path) -> 
             f"--data.tokenizer={args.data}/tokenizer.json", f"--data.shapes.out={args.data}"]
     return ["fit", *[a for c in configs for a in ("--config", str(c))], *moe, *data,
             f"--trainer.max_steps={args.steps}", f"--trainer.val_check_interval={args.steps}",
+            *([] if args.validate else ["--trainer.limit_val_batches=0"]),
             f"--seed_everything={args.seed}", f"--trainer.default_root_dir={out}"]
 
 
@@ -257,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fusions", nargs="+", default=["llava", "flamingo"], choices=["llava", "flamingo"])
     p.add_argument("--steps", type=int, default=1000, help="training steps of every run (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed_everything of every run (default %(default)s)")
+    p.add_argument("--validate", action="store_true", help="validate (loss, 128 captions) at the last step; "
+                   "off by default: the held-out evaluation is the measure and generation is slow on a busy CPU")
     p.add_argument("--from-runs", action="store_true", help="train nothing: collect from the run folders in --out")
     p.add_argument("--data", default="data/shapes", help="the shapes folder (made by the first run when missing)")
     p.add_argument("--out", default="outputs/moe_study", help="run folders: OUT/<fusion>_<dense|moe>")

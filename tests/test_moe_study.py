@@ -84,7 +84,7 @@ def test_study_end_to_end_on_tiny_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
     bench = tmp_path / "bench"
-    args = ["--steps", "4", "--eval-limit", "4", "--tail", "2", "--data", "data/shapes", "--out", "runs",
+    args = ["--steps", "4", "--eval-limit", "4", "--tail", "2", "--data", "data/shapes", "--out", "runs", "--validate",
             "--extra-config", "tiny.yaml", "--bench-dir", str(bench)]
     assert moe_study.main(args) == 0
     results = json.loads((bench / "results.json").read_text())

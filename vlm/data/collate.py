@@ -16,6 +16,11 @@ rule; since they share their prompt, they keep the same images. A pair whose pro
 expanded) leaves no room for at least one token of each answer within `max_length` is dropped
 from the batch with a warning (counted in `dropped_pairs`); a batch left with no pair is an error.
 A batch mixes no preference pairs with other samples.
+
+Packed rows (`vlm.data.packing.PackedRow`, several samples per row) are expanded and cut sample by
+sample as above, then joined; `Batch.sample_ids` numbers each token's sample in its row (1, 2, ...;
+0 on padding), and the first token of every sample is unlabelled, so that no sample learns from
+the one before it (a row's first label is never learned anyway: position t predicts label t+1).
 """
 
 from __future__ import annotations
@@ -55,6 +60,8 @@ class Batch:
             in place of `pixel_values` (see `vlm.data.features`); in a cached-features run a batch
             without images has it empty, [0, num_tokens, dim] (`FeatureCollator`); None otherwise.
         pairs: B in a preference batch of 2B rows (B chosen rows, then B rejected rows); None otherwise.
+        sample_ids: [B, T] long in a packed batch: each token's sample within its row, 1, 2, ...,
+            0 on padding (the text model attends within samples only); None otherwise.
     """
 
     input_ids: torch.Tensor
@@ -65,6 +72,7 @@ class Batch:
     keys: tuple[str, ...] | None = None
     image_features: torch.Tensor | None = None
     pairs: int | None = None
+    sample_ids: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, *, non_blocking: bool = False) -> Batch:
         """A copy with every tensor on `device`."""
@@ -122,10 +130,31 @@ class Collator:
                 raise ValueError(f"a batch cannot mix preference pairs with other samples (got {kinds}, "
                                  f"keys {[sample.key for sample in samples][:8]}); give them separate datasets")
             return self._collate_pairs(samples)
+        if any(hasattr(sample, "samples") for sample in samples):  # duck-typed PackedRow
+            return self._collate_packed(samples)
         rows = [self.expand(sample) for sample in samples]
         owners = [row for row, (_, _, row_images) in enumerate(rows) for _ in row_images]
         return self._batch(rows, [row_images for _, _, row_images in rows], owners,
                            keys=tuple(sample.key for sample in samples))
+
+    def _collate_packed(self, packed: Sequence) -> Batch:
+        """One row per PackedRow: its samples expanded (and cut) one by one, then joined."""
+        rows, sample_ids = [], []
+        for row in packed:
+            parts = [self.expand(sample) for sample in getattr(row, "samples", [row])]
+            for _, labels, _ in parts:
+                labels[:1] = IGNORE_INDEX  # no sample learns its first token from the one before it
+            rows.append((torch.cat([ids for ids, _, _ in parts]), torch.cat([labels for _, labels, _ in parts]),
+                         [image for _, _, images in parts for image in images]))
+            sample_ids.append(torch.cat([torch.full((len(ids),), number, dtype=torch.long)
+                                         for number, (ids, _, _) in enumerate(parts, 1)]))
+        owners = [row for row, (_, _, row_images) in enumerate(rows) for _ in row_images]
+        keys = tuple(getattr(row, "key") for row in packed)
+        batch = self._batch(rows, [row_images for _, _, row_images in rows], owners, keys=keys)
+        batch.sample_ids = torch.zeros_like(batch.input_ids)
+        for row, ids in enumerate(sample_ids):
+            batch.sample_ids[row, : len(ids)] = ids
+        return batch
 
     def _collate_pairs(self, pairs: Sequence[EncodedPreference]) -> Batch:
         """2B rows (chosen rows, then rejected rows), each pair's images once, owners = pair index."""

@@ -4,7 +4,10 @@
     -> split by node -> split by worker          (only if shards >= ranks x workers, not resampled)
     -> read tar (safe keys, truncation detected)
     -> split samples by rank x worker            (only if shards < ranks x workers, not resampled)
-    -> count seen, reject flagged -> shuffle buffer -> decode -> encode -> batch
+    -> count seen, reject flagged -> shuffle buffer -> decode -> encode -> [pack] -> batch
+
+With a `Packer` (vlm.data.packing) the encoded samples are packed into rows of several samples
+before batching; it is deterministic, so all that is said below of batches holds for packed ones.
 
 Splitting: with enough shards each worker of each rank reads whole shards of its own. With fewer
 shards than ranks x workers (a one-shard validation set on 8 ranks) every worker reads every shard,
@@ -43,6 +46,7 @@ from webdataset.shardlists import expand_urls
 from vlm.data.collate import Collator
 from vlm.data.decode import DEFAULT_MAX_PIXELS, SKIP_REASONS, SampleError, decode_sample, iter_shard_samples
 from vlm.data.formats import EncodedSample, encode_sample
+from vlm.data.packing import Packer
 from vlm.data.features import FeatureStore
 from vlm.text.chat import ChatTemplate
 
@@ -252,9 +256,11 @@ def build_pipeline(
     num_workers: int = 1,
     epoch: int = 0,
     features: FeatureStore | None = None,
+    packer: Packer | None = None,
 ) -> wds.DataPipeline:
     """The pipeline of one worker of one rank, yielding `Batch`es. With `features` (a cache of the
-    frozen tower's outputs), images become their cached features and `transform` is not used."""
+    frozen tower's outputs), images become their cached features and `transform` is not used. With
+    `packer`, each batch row is a `PackedRow` of several samples."""
     handler = SampleHandler(config, counter if counter is not None else SkipCounter())
     encode: Callable[[dict], EncodedSample] = partial(encode_sample, template=template,
                                                       transform=None if features is not None else transform)
@@ -271,6 +277,7 @@ def build_pipeline(
     stages += [
         partial(handler.map, fn=partial(decode_sample, max_pixels=config.max_pixels)),
         partial(handler.map, fn=encode),
+        *([packer] if packer is not None else []),
         wds.batched(config.batch_size, collation_fn=collator, partial=config.partial_batches),
     ]
     return wds.DataPipeline(stages)
@@ -299,10 +306,10 @@ class ShardDataset(IterableDataset):
 
     def __init__(self, config: PipelineConfig, template: ChatTemplate, *, transform: Callable, collator: Collator,
                  counter: SkipCounter | None = None, rank: int | None = None, world_size: int | None = None,
-                 features: FeatureStore | None = None):
+                 features: FeatureStore | None = None, packer: Packer | None = None):
         super().__init__()
         self.config, self.template, self.transform, self.collator = config, template, transform, collator
-        self.features = features
+        self.features, self.packer = features, packer
         self.counter = counter if counter is not None else SkipCounter()
         self.rank, self.world_size = node_info(rank, world_size)
         self.epoch = 0
@@ -315,20 +322,21 @@ class ShardDataset(IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         pipeline = build_pipeline(self.config, self.template, transform=self.transform, collator=self.collator,
                                   counter=self.counter, rank=self.rank, world_size=self.world_size,
-                                  worker=worker, num_workers=num_workers, epoch=self.epoch, features=self.features)
+                                  worker=worker, num_workers=num_workers, epoch=self.epoch, features=self.features,
+                                  packer=self.packer)
         return iter(pipeline)
 
 
 def build_dataloader(config: PipelineConfig, template: ChatTemplate, *, transform: Callable, collator: Collator,
                      num_workers: int = 2, counter: SkipCounter | None = None, rank: int | None = None,
                      world_size: int | None = None, pin_memory: bool = False,
-                     features: FeatureStore | None = None) -> DataLoader:
+                     features: FeatureStore | None = None, packer: Packer | None = None) -> DataLoader:
     """A DataLoader over a `ShardDataset` (batching happens in the workers, so batch_size=None).
 
     `loader.dataset.set_epoch(e)` changes the shuffling; `loader.dataset.counter` has the skips.
     """
     dataset = ShardDataset(config, template, transform=transform, collator=collator, counter=counter,
-                           rank=rank, world_size=world_size, features=features)
+                           rank=rank, world_size=world_size, features=features, packer=packer)
     if shares_shards(config, world_size=dataset.world_size, num_workers=max(num_workers, 1)):
         log.info("%d shard(s) for %d rank(s) x %d worker(s): every worker reads every shard and keeps its "
                  "share of the samples", len(config.shards), dataset.world_size, max(num_workers, 1))

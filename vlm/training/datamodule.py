@@ -19,6 +19,7 @@ import lightning as L
 from vlm.data.collate import Collator
 from vlm.data.corpus import write_corpus
 from vlm.data.features import FeatureCollator, FeatureStore
+from vlm.data.packing import Packer
 from vlm.data.pipeline import PipelineConfig, SkipCounter, build_dataloader, expand_shards
 from vlm.data.shapes import DEFAULT_VARIANTS, make_shapes_dataset
 from vlm.errors import UserError
@@ -58,6 +59,10 @@ class VLMDataModule(L.LightningDataModule):
             tower, checkpoint, image size or precision. Validation still runs the tower on images.
         pad_to_multiple_of: every batch's sequence length is rounded up to a multiple of it, so a
             compiled model sees a bounded number of shapes (None: padded to the longest row).
+        packing: training rows hold several samples each, up to `max_length` tokens (else the text
+            model's `max_seq_len`), first fit (`vlm.data.packing`); attention stays within each
+            sample. Validation, test and predict batches keep one sample per row. Not for
+            preference pairs.
     """
 
     def __init__(
@@ -80,8 +85,12 @@ class VLMDataModule(L.LightningDataModule):
         max_skip_fraction: float = 0.05,
         features: str | None = None,
         pad_to_multiple_of: int | None = None,
+        packing: bool = False,
     ) -> None:
         super().__init__()
+        if not isinstance(packing, bool):
+            raise UserError(f"data.packing must be true or false, got {packing!r}")
+        self.packing = packing
         if pad_to_multiple_of is not None and (type(pad_to_multiple_of) is not int or pad_to_multiple_of < 1):
             raise UserError(f"data.pad_to_multiple_of must be a positive integer or null, got {pad_to_multiple_of!r}")
         self.pad_to_multiple_of = pad_to_multiple_of
@@ -190,13 +199,15 @@ class VLMDataModule(L.LightningDataModule):
         model = self.trainer.lightning_module.model
         self.check_model(model)
         features = self._feature_store(model) if train and self.features else None
+        stream = train and not whole  # shuffled, endless
+        packer = self._packer(model) if stream and self.packing else None
         collator = Collator(pad_id=self.tokenizer.pad_id, image_id=self.tokenizer.image_id,
-                            image_token_count=model.tokens_per_image, max_length=self.max_length,
+                            image_token_count=model.tokens_per_image,
+                            max_length=self.max_length if packer is None else packer.capacity,
                             features=features is not None, pad_to_multiple_of=self.pad_to_multiple_of)
         if features is not None:
             collator = FeatureCollator(collator, features)
         shards = self._shards(patterns, what)
-        stream = train and not whole  # shuffled, endless
         config = PipelineConfig(shards=shards, batch_size=self.batch_size if stream else self.val_batch_size,
                                 seed=self.seed, shuffle=stream, shuffle_buffer=self.shuffle_buffer, resampled=stream,
                                 handler=self.handler, max_skip_fraction=self.max_skip_fraction)
@@ -205,7 +216,14 @@ class VLMDataModule(L.LightningDataModule):
         transform = model.vision.train_transform if train else model.vision.transform
         return build_dataloader(config, ChatTemplate(self.tokenizer), transform=transform, collator=collator,
                                 num_workers=workers, counter=self.skips if stream else None, rank=rank, world_size=world,
-                                features=features)
+                                features=features, packer=packer)
+
+    def _packer(self, model: Any) -> Packer:
+        """Rows of `max_length` tokens, else the text model's `max_seq_len`; refused for DPO."""
+        if getattr(self.trainer.lightning_module, "objective", "next_token") != "next_token":
+            raise UserError("data.packing: model.objective dpo trains on preference pairs, which are not packed; "
+                            "set data.packing false")
+        return Packer(self.max_length or model.config.text.max_seq_len, image_token_count=model.tokens_per_image)
 
     def shard_loaders(self) -> dict[str, dict[str, Any]]:
         """{"train": {shard: loader}, "val": ...}: each shard's samples once, in order, on every rank,

@@ -43,3 +43,34 @@ def test_long_context_commands_run(tmp_path, monkeypatch, capsys, model_dir):
         report = json.loads((tmp_path / "outputs/shapes/llava" / name / "context.json").read_text())
         assert (report["rope_scaling"] or {}).get("type") == scaling and report["perplexity"]["320"]["windows"] >= 1
         assert (tmp_path / "outputs/shapes/llava" / name / "context.png").exists()
+
+
+EXTENSION = "Context extension"
+EXTENSION_TINY = {
+    "trainer": {"max_steps": 2, "val_check_interval": 2, "limit_val_batches": 1, "log_every_n_steps": 1},
+    "model": {"config": {"text": {"dim": 32, "n_layers": 1, "hidden_dim": 64}}},
+    "data": {"batch_size": 2, "num_workers": 0, "shuffle_buffer": 4},
+}
+
+
+def test_context_extension_commands_run(tmp_path, monkeypatch, capsys):
+    """The "Context extension" commands in order, verbatim but for a few documents and a tiny model:
+    base at 256, exported, extended to 2048 by the shipped recipe (YaRN), exported, evaluated."""
+    sequence = commands(EXTENSION)
+    assert [c.split()[1] for c in sequence] == ["data", "fit", "export", "data", "fit", "export", "evaluate-context"]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(EXTENSION_TINY))
+    for command in sequence:
+        args = shlex.split(re.sub(r"--val \d+", "--val 4", re.sub(r"--train \d+", "--train 8", command)))[1:]
+        if args[0] == "fit":
+            args += ["--config", "tiny.yaml"]
+        if args[0] == "evaluate-context":
+            args += ["--trials", "1", "--windows", "1", "--depths", "0", "1"]
+        capsys.readouterr()
+        assert main(args) == 0, (command, capsys.readouterr().err[-2000:])
+    report = json.loads((tmp_path / "outputs/long_context/yarn/context/context.json").read_text())
+    assert report["rope_scaling"]["type"] == "yarn" and report["rope_scaling"]["factor"] == 8
+    assert report["lengths"] == [256, 512, 1024, 2048] and report["perplexity"]["2048"]["windows"] == 1
+    config = json.loads((tmp_path / "outputs/long_context/yarn/model/config.json").read_text())
+    assert "2048" in json.dumps(config)

@@ -2,13 +2,15 @@
 (a perfect copier, a constant guesser, uniform and oracle predictors), and the command end to end."""
 
 import json
+import random
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from vlm.cli import main
-from vlm.eval.context import DIGITS, evaluate_context, passkey_samples, perplexity, score_passkey
+from vlm.eval.context import (DEPTHS, DIGITS, evaluate_context, passkey_sample, passkey_samples, perplexity,
+                              score_passkey)
 
 VOCAB = 256
 
@@ -110,3 +112,18 @@ def test_command_end_to_end(tmp_path, model_dir, capsys):
     assert scaled["perplexity"]["384"]["perplexity"] != report["perplexity"]["384"]["perplexity"]
     bad = run_cli(*common, "--rope-scaling", '{"type": "ntk", "factor": 2}')
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "'ntk' is not one of" in bad.stderr
+
+
+def test_prompts_and_windows_start_with_bos_when_the_tokenizer_has_one():
+    class WithBos(Chars):
+        bos_id = 1  # what vlm's tokenizers have: every training sample starts with it
+
+    rng = random.Random("passkey/3/300")  # the stream passkey_samples(..., 300, seed=3) draws from
+    plain = [passkey_sample(Chars(), 299, depth, rng) for depth in DEPTHS for _ in range(2)]  # one token less room
+    for a, b in zip(plain, passkey_samples(WithBos(), 300, seed=3), strict=True):
+        assert b.ids == [1] + a.ids and b.answer_start == a.answer_start + 1 and b.passkey == a.passkey
+    seen = []
+    tokens = list(range(2, 200))
+    report = perplexity(lambda ids: seen.append(ids[0].tolist()) or torch.zeros(*ids.shape, VOCAB), tokens, 64,
+                        windows=2, bos=[1])
+    assert seen == [[1] + tokens[:63], [1] + tokens[63:126]] and report["tokens"] == 2 * 63

@@ -3,6 +3,7 @@ pairs JSON or image folders.
 
     vlm data shapes --out data/shapes --train 10000 --val 500 --seed 0
     vlm data emoji --out data/emoji --size 64 --seed 0  # apt-get install fonts-noto-color-emoji unicode-data
+    vlm data passkey --out data/passkey/base --train 40000 --max-length 256  # text-only, see vlm.data.passkey
     vlm data from-coco --captions captions_train2017.json --images train2017 --out data/coco
     vlm data from-llava --json llava_v1_5_mix665k.json --images data/llava --out data/llava-shards
     vlm data from-preference --json pairs.json --images data/pairs --out data/pairs-shards
@@ -22,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from vlm.data import convert, emoji, preference, shapes
+from vlm.data import convert, emoji, passkey, preference, shapes
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -108,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="colour bitmap emoji font (default: fonts-noto-color-emoji's, %(default)s)")
     p.add_argument("--names", type=Path, default=emoji.DEFAULT_NAMES,
                    help="Unicode emoji-test.txt with the CLDR names (default: unicode-data's, %(default)s)")
+
+    passkey.add_arguments(commands.add_parser("passkey", parents=[_shard_options(5000)],
+                                              help="passkey retrieval documents (text only) and their tokenizer"))
 
     p = commands.add_parser("from-coco", parents=[converter], help="COCO captions JSON")
     p.add_argument("--captions", type=Path, required=True, help="e.g. captions_train2017.json")
@@ -197,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `vlm data`; `argv` excludes "data". Returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "passkey":
+            return passkey.run(args)
         if args.command in ("shapes", "emoji"):
             return _run_shapes(args) if args.command == "shapes" else _run_emoji(args)
         return _run_converter(args)

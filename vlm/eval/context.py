@@ -13,6 +13,8 @@ tokens whenever it is right); `digit_accuracy` compares the decoded choices digi
 
 Perplexity: the held-out text (a text file, or the captions of caption shards) tokenized as one
 stream and cut into non-overlapping windows of each length; exp of the mean next-token loss.
+With a tokenizer that has <|begin_of_text|> (every tokenizer vlm trains), passkey prompts and
+perplexity windows start with it, as every training sample does.
 
 `--rope-scaling '{"type": "yarn", "factor": 8, "original_max_position_embeddings": 256}'`
 evaluates the model with another RoPE scaling and no fine-tuning. Writes context.json and
@@ -63,23 +65,32 @@ def passkey_samples(tokenizer: TextTokenizer, length: int, *, depths: Sequence[f
                     seed: int = 0) -> list[PasskeySample]:
     """`trials` samples per depth of at most `length` tokens; the same arguments give the same samples."""
     rng = random.Random(f"passkey/{seed}/{length}")
-    head, question = tokenizer.encode(INSTRUCTION), tokenizer.encode(QUESTION)
-    sentences = [tokenizer.encode(sentence) for sentence in FILLER]
-    samples = []
-    for depth in depths:
-        for _ in range(trials):
-            passkey = "".join(rng.choice("0123456789") for _ in range(DIGITS))
-            answer = tokenizer.encode(passkey)
-            key = tokenizer.encode(" The pass key is ") + answer
-            key += tokenizer.encode(f". Remember it. {passkey} is the pass key.")
-            room = length - len(head) - len(key) - len(question) - len(answer)
-            if room < 0:
-                raise UserError(f"length {length} is too short for the passkey prompt ({length - room} tokens)")
-            filler = _filler(sentences, room)
-            before = round(depth * len(filler))  # the key goes between two whole sentences
-            prompt = head + sum(filler[:before], []) + key + sum(filler[before:], []) + question
-            samples.append(PasskeySample(prompt + answer, len(prompt), passkey, depth))
-    return samples
+    return [passkey_sample(tokenizer, length, depth, rng) for depth in depths for _ in range(trials)]
+
+
+def passkey_sample(tokenizer: TextTokenizer, length: int, depth: float, rng: random.Random) -> PasskeySample:
+    """One prompt of at most `length` tokens (a <|begin_of_text|> first when the tokenizer has one)
+    with a key drawn from `rng` at `depth`, then its answer. `vlm.data.passkey` trains on these."""
+    passkey = "".join(rng.choice("0123456789") for _ in range(DIGITS))
+    head, question = bos_ids(tokenizer) + tokenizer.encode(INSTRUCTION), tokenizer.encode(QUESTION)
+    answer = tokenizer.encode(passkey)
+    key = tokenizer.encode(" The pass key is ") + answer
+    key += tokenizer.encode(f". Remember it. {passkey} is the pass key.")
+    room = length - len(head) - len(key) - len(question) - len(answer)
+    if room < 0:
+        raise UserError(f"length {length} is too short for the passkey prompt ({length - room} tokens)")
+    filler = _filler([tokenizer.encode(sentence) for sentence in FILLER], room)
+    before = round(depth * len(filler))  # the key goes between two whole sentences
+    prompt = head + sum(filler[:before], []) + key + sum(filler[before:], []) + question
+    return PasskeySample(prompt + answer, len(prompt), passkey, depth)
+
+
+def bos_ids(tokenizer: TextTokenizer) -> list[int]:
+    """[<|begin_of_text|>] for a tokenizer that has it (models trained by vlm always saw it first), else []."""
+    try:
+        return [tokenizer.bos_id]  # type: ignore[attr-defined]
+    except (AttributeError, KeyError):
+        return []
 
 
 def _filler(sentences: list[list[int]], room: int) -> list[list[int]]:
@@ -117,15 +128,18 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values)
 
 
-def perplexity(logits_fn: Logits, tokens: Sequence[int], length: int, *, windows: int = 4) -> dict:
-    """exp(mean next-token loss) over up to `windows` non-overlapping windows of `length` tokens."""
-    available = len(tokens) // length
+def perplexity(logits_fn: Logits, tokens: Sequence[int], length: int, *, windows: int = 4,
+               bos: Sequence[int] = ()) -> dict:
+    """exp(mean next-token loss) over up to `windows` non-overlapping windows of `length` tokens
+    (`bos` then the text's next `length - len(bos)` tokens)."""
+    span = length - len(bos)
+    available = len(tokens) // span if span > 0 else 0
     if available == 0:
         raise UserError(f"the held-out text has {len(tokens)} tokens, fewer than one window of {length}: "
                         "give a longer --text file or more --shards")
     total, count = 0.0, 0
     for w in range(min(windows, available)):
-        ids = torch.tensor([list(tokens[w * length : (w + 1) * length])])
+        ids = torch.tensor([list(bos) + list(tokens[w * span : (w + 1) * span])])
         logits = logits_fn(ids)[0, :-1].float()
         total += F.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
         count += length - 1
@@ -141,7 +155,8 @@ def evaluate_context(logits_fn: Logits, tokenizer: TextTokenizer, held_out: Sequ
     for length in lengths:
         samples = passkey_samples(tokenizer, length, depths=depths, trials=trials, seed=seed)
         report["passkey"][str(length)] = score_passkey(logits_fn, tokenizer, samples)
-        report["perplexity"][str(length)] = perplexity(logits_fn, held_out, length, windows=windows)
+        report["perplexity"][str(length)] = perplexity(logits_fn, held_out, length, windows=windows,
+                                                        bos=bos_ids(tokenizer))
     return report
 
 
@@ -241,9 +256,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     held_out = held_out_tokens(tokenizer, text=args.text, shards=args.shards or ())
     device = model.tok_embeddings.weight.device
 
+    vocab = min(tokenizer.vocab_size, model.config.vocab_size)  # a model's rows past the tokenizer's are no token
+
     @torch.inference_mode()
     def logits_fn(ids: torch.Tensor) -> torch.Tensor:
-        return model(ids.to(device)).float().cpu()
+        return model(ids.to(device))[..., :vocab].float().cpu()
 
     report = evaluate_context(logits_fn, tokenizer, held_out, args.lengths, depths=args.depths, trials=args.trials,
                               windows=args.windows, seed=args.seed)

@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import torch
 
-from vlm.text.llama import Llama
+from vlm.text.llama import Cache, Llama
 
 
 @dataclass
@@ -131,6 +131,7 @@ def decode(
     generator: torch.Generator | None = None,
     all_finished: Callable[[bool], bool] | None = None,
     reorder: Callable[[torch.Tensor], None] | None = None,
+    check_every: int | None = None,
 ) -> list[list[int]]:
     """Run the decoding loop from the prompt's last logits [R, V]: greedy or sampling, or beam
     search when `config.num_beams` > 1 (then R = prompts x num_beams, see `beam_search`).
@@ -141,31 +142,41 @@ def decode(
     asking every rank (see `ranks_finished`): rows already finished keep stepping, their tokens
     dropped, so that sharded models issue the same collectives on every rank.
     Returns each prompt's new tokens, up to and excluding its first stop token.
+
+    The tokens stay on the device in a buffer allocated once; the host reads them at the end, and
+    reads whether every row has stopped only every `check_every` tokens (default: every token on
+    the CPU, where reading costs nothing, every 8 on an accelerator, where each read waits for the
+    device). A row that stopped keeps stepping until then; its tokens after the stop are dropped.
     """
     if config.num_beams > 1:
         if reorder is None:
             raise ValueError("beam search needs `reorder` to move each beam's model state to its rows")
         return beam_search(step, first_logits, config, reorder=reorder, all_finished=all_finished)
-    batch = first_logits.shape[0]
-    out: list[list[int]] = [[] for _ in range(batch)]
-    done = torch.zeros(batch, dtype=torch.bool, device=first_logits.device)
-    stops = torch.tensor(config.stop_tokens, dtype=torch.long, device=first_logits.device)
-    generated = torch.empty(batch, 0, dtype=torch.long, device=first_logits.device)  # for the penalties
-    logits = first_logits
+    device = first_logits.device
+    check_every = check_every or (1 if device.type == "cpu" else 8)
+    tokens = torch.zeros(first_logits.shape[0], config.max_new_tokens, dtype=torch.long, device=device)
+    done = torch.zeros(first_logits.shape[0], dtype=torch.bool, device=device)
+    stops = torch.tensor(config.stop_tokens, dtype=torch.long, device=device)
+    logits, length = first_logits, 0
     for i in range(config.max_new_tokens):
-        token = sample_next(penalize(logits, generated, config), config, generator)
-        generated = torch.cat([generated, token[:, None]], 1)
-        hit_stop = torch.isin(token, stops) if len(stops) else torch.zeros_like(done)
-        for row in (~done & ~hit_stop).nonzero().flatten().tolist():
-            out[row].append(int(token[row]))
-        done |= hit_stop
-        if i == config.max_new_tokens - 1:
+        token = sample_next(penalize(logits, tokens[:, :i], config), config, generator)
+        tokens[:, i], length = token, i + 1
+        if len(stops):
+            done |= torch.isin(token, stops)
+        if length == config.max_new_tokens:
             break
-        finished = bool(done.all())
-        if (all_finished(finished) if all_finished is not None else finished):
-            break
+        if (len(stops) or all_finished is not None) and length % check_every == 0:
+            finished = bool(done.all())
+            if all_finished(finished) if all_finished is not None else finished:
+                break
         logits = step(token[:, None])
-    return out
+    return [until_stop(row, config.stop_tokens) for row in tokens[:, :length].tolist()]
+
+
+def until_stop(tokens: list[int], stop_tokens: Sequence[int]) -> list[int]:
+    """`tokens` up to and excluding the first stop token."""
+    stops = set(stop_tokens)
+    return next((tokens[:i] for i, token in enumerate(tokens) if token in stops), tokens)
 
 
 class _Finished:
@@ -333,11 +344,14 @@ def generate(
     length_penalty: float = 1.0,
     no_repeat_ngram_size: int = 0,
     repetition_penalty: float = 1.0,
+    compile_step: bool = False,
 ) -> list[list[int]]:
     """Continue each prompt (a list of token ids); returns the new tokens of each, stop excluded.
 
     `num_beams` > 1 runs `beam_search` (each prompt's beams are rows of their own from the prompt
-    on); the penalties are those of `SamplingConfig`."""
+    on); the penalties are those of `SamplingConfig`. `compile_step` runs each cached one-token
+    step through `torch.compile` (one compiled function for every model; off by default: it does
+    not pay on the CPU)."""
     config = SamplingConfig(max_new_tokens, temperature, top_k, top_p, tuple(stop_tokens), num_beams, length_penalty,
                             no_repeat_ngram_size, repetition_penalty)
     device = model.tok_embeddings.weight.device
@@ -347,8 +361,23 @@ def generate(
     cache = model.new_cache(ids.shape[0], ids.shape[1] + max_new_tokens)
     # Only the last prompt position needs logits.
     first = model.output(model.hidden(ids, attention_mask=mask, cache=cache)[:, -1])
-    return decode(lambda token: model(token, cache=cache)[:, -1], first, config, generator=generator,
+    run_step = _compiled_text_step() if compile_step else text_step
+    return decode(lambda token: run_step(model, token, cache), first, config, generator=generator,
                   reorder=cache.reorder)
+
+
+def text_step(model: Llama, token: torch.Tensor, cache: Cache) -> torch.Tensor:
+    """One cached decoding step of a text model: tokens [R, 1] -> next-token logits [R, V]."""
+    return model(token, cache=cache)[:, -1]
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def _compiled_text_step() -> Callable:
+    if "text" not in _COMPILED:
+        _COMPILED["text"] = torch.compile(text_step)
+    return _COMPILED["text"]
 
 
 def _generate_uncached(model: Llama, ids: torch.Tensor, mask: torch.Tensor, config: SamplingConfig, generator) -> list[list[int]]:

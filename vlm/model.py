@@ -10,7 +10,7 @@ The Llama module is untouched: its state_dict loads into a plain `Llama` and exp
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,6 +163,7 @@ class VisionLanguageModel(nn.Module):
         length_penalty: float = 1.0,
         no_repeat_ngram_size: int = 0,
         repetition_penalty: float = 1.0,
+        compile_step: bool = False,
     ) -> list[list[int]]:
         """Continue each prompt. `prompts[i]` holds one `<|image|>` token per image in `images[i]`
         (transformed tensors [3, H, W]); the model expands them as its fusion needs.
@@ -178,6 +179,9 @@ class VisionLanguageModel(nn.Module):
         gathers its shards with collectives that all ranks must join. The default (None) syncs
         when the model is sharded (FSDP1/FSDP2/tensor parallel) and more than one rank runs; every
         rank must then call generate the same number of times.
+        `compile_step`: run each one-token decoding step through `torch.compile` (compiled once per
+        model and reused; the cache position is a dynamic size after the first recompile). Off by
+        default: on the CPU the step is bound by its matrix products and compiling does not pay.
         Returns the new tokens of each prompt, stop token excluded."""
         config = SamplingConfig(max_new_tokens, temperature, top_k, top_p, tuple(stop_tokens), num_beams,
                                 length_penalty, no_repeat_ngram_size, repetition_penalty)
@@ -185,8 +189,11 @@ class VisionLanguageModel(nn.Module):
         if sync_ranks is None:
             sync_ranks = is_sharded(self) and torch.distributed.get_world_size() > 1
         all_finished = (lambda done: ranks_finished(done, device=batch.input_ids.device)) if sync_ranks else None
-        run = self._decode_cached if use_cache else self._decode_uncached
-        return run(batch, config, vocab_size=vocab_size, generator=generator, all_finished=all_finished)
+        if not use_cache:
+            return self._decode_uncached(batch, config, vocab_size=vocab_size, generator=generator,
+                                         all_finished=all_finished)
+        return self._decode_cached(batch, config, vocab_size=vocab_size, generator=generator, all_finished=all_finished,
+                                   compile_step=compile_step)
 
     def _next_logits(self, h: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
         logits = self.text.output(h[:, -1])
@@ -195,14 +202,29 @@ class VisionLanguageModel(nn.Module):
             logits[:, vocab_size:] = float("-inf")  # rows the tokenizer has no token for
         return logits
 
-    def _decode_cached(self, batch: ModelInput, config: SamplingConfig, *, vocab_size, **decode_options) -> list[list[int]]:
+    def decode_step(self, token: torch.Tensor, cache: Cache, state: Any, vocab_size: int | None
+                    ) -> tuple[torch.Tensor, Any]:
+        """One cached decoding step: tokens [R, 1] -> next-token logits [R, V] and the advanced fusion
+        state. Free of host syncs and graph breaks, so that it compiles whole (`compile_step`)."""
+        h, state = self.hidden(ModelInput(token), cache=cache, state=state)
+        return self._next_logits(h, vocab_size), state
+
+    def _compiled_decode_step(self) -> Callable:
+        compiled = self.__dict__.get("_decode_step_compiled")
+        if compiled is None:  # kept outside the module tree: not a submodule, not in the state dict
+            compiled = self.__dict__["_decode_step_compiled"] = torch.compile(self.decode_step)
+        return compiled
+
+    def _decode_cached(self, batch: ModelInput, config: SamplingConfig, *, vocab_size, compile_step: bool = False,
+                       **decode_options) -> list[list[int]]:
         cache = self.text.new_cache(batch.input_ids.shape[0], batch.input_ids.shape[1] + config.max_new_tokens)
         h, state = self.hidden(batch, cache=cache)
         holder = {"state": state}
+        run_step = self._compiled_decode_step() if compile_step else self.decode_step
 
         def step(token: torch.Tensor) -> torch.Tensor:
-            h, holder["state"] = self.hidden(ModelInput(token), cache=cache, state=holder["state"])
-            return self._next_logits(h, vocab_size)
+            logits, holder["state"] = run_step(token, cache, holder["state"], vocab_size)
+            return logits
 
         def reorder(rows: torch.Tensor) -> None:
             cache.reorder(rows)

@@ -17,6 +17,7 @@ from vlm.model import VisionLanguageModel, VLMConfig, build_model, is_sharded
 from vlm.objectives import PreferenceOutput
 from vlm.stages import set_trainable
 from vlm.text.moe import moe_statistics, pop_aux_loss, update_expert_biases
+from vlm.training.compile import compile_backend, compile_model, compile_statistics
 from vlm.training.lora import CHECKPOINT_KEY as LORA_KEY
 from vlm.training.lora import LoRARun, LoRASettings, is_lora_checkpoint, lora_settings, model_from_lora_checkpoint
 from vlm.training.optim import OptimConfig, build_optimizer
@@ -41,6 +42,10 @@ class VLMModule(L.LightningModule):
         optim: optimizer and schedule.
         max_nonfinite: abort after this many steps with a non-finite loss (each one is skipped).
         activation_checkpointing: recompute each block's activations in backward (any strategy).
+        compile: `torch.compile` each block (decoder layer, cross-attention block, resampler, vision
+            block; see `vlm.training.compile`): true (inductor), false, or a backend name such as
+            `aot_eager`. Works with activation checkpointing, FSDP2 and fp8; the graph and
+            recompile counts are logged as train/compile/*.
         caption_samples: validation rows whose captions are generated for the metrics and grid.
         max_new_tokens: generation length for those captions.
         label_smoothing: spread this much of each training target over the whole vocabulary (the
@@ -73,6 +78,7 @@ class VLMModule(L.LightningModule):
         objective: str = "next_token",
         preference: PreferenceConfig | None = None,
         lora: LoRASettings | None = None,
+        compile: bool | str = False,
     ) -> None:
         super().__init__()
         self.config = config
@@ -81,6 +87,7 @@ class VLMModule(L.LightningModule):
         self.optim = optim or OptimConfig()
         self.max_nonfinite = max_nonfinite
         self.activation_checkpointing = activation_checkpointing
+        self.compile_backend = compile_backend(compile)
         self.caption_samples, self.max_new_tokens = caption_samples, max_new_tokens
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"model.label_smoothing must be in [0, 1), got {label_smoothing!r}")
@@ -159,6 +166,8 @@ class VLMModule(L.LightningModule):
             model = self.lora_run.prepare(model, trainer, mesh)
         if activation_checkpointing:
             apply_activation_checkpointing(blocks(model))
+        if self.compile_backend is not None:  # after fp8 and checkpointing, before FSDP2 (torchtitan's order)
+            compile_model(model, backend=self.compile_backend)
         if mesh is not None:
             if mesh["tensor_parallel"].size() > 1:
                 apply_tensor_parallel(model.text, mesh["tensor_parallel"])
@@ -230,6 +239,9 @@ class VLMModule(L.LightningModule):
         self.log("train/target_tokens", float(tokens), reduce_fx="sum")
         for name, value in moe_statistics(self.model).items():  # expert loads, dropped share, bias spread
             self.log(f"train/{name}", value, batch_size=rows)
+        if self.compile_backend is not None:
+            for name, value in compile_statistics().items():
+                self.log(f"train/{name}", value, batch_size=rows)
         return loss
 
     def _sft_rows(self, batch: Any) -> Any:

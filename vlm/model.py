@@ -66,6 +66,7 @@ class ModelInput:
     image_sample_index: torch.Tensor | None = None  # [N]
     labels: torch.Tensor | None = None  # [B, T]
     image_features: torch.Tensor | None = None  # [N, num_tokens, dim]: the frozen tower's cached outputs
+    sample_ids: torch.Tensor | None = None  # [B, T]: packed rows' sample of each token, 0 = padding
 
 
 @dataclass
@@ -127,7 +128,8 @@ class VisionLanguageModel(nn.Module):
             state = self.fusion.prepare(None, batch, state)
         input_ids = batch.input_ids
         ctx = self.text.context(input_ids.shape[1], attention_mask=getattr(batch, "attention_mask", None),
-                                cache=cache, batch_size=input_ids.shape[0])
+                                cache=cache, batch_size=input_ids.shape[0],
+                                sample_ids=getattr(batch, "sample_ids", None))
         h = self.fusion.embed(self.text.tok_embeddings(input_ids), state)
         for i, layer in enumerate(self.text.layers):
             h = self.fusion.before_layer(i, h, state)

@@ -10,9 +10,9 @@ from vlm.text.llama import Llama, LlamaConfig, sample_starts
 
 LENGTHS = [[5, 9, 3], [12, 6]]  # samples of each packed row; rows padded to WIDTH
 WIDTH = 20
-KERNELS = ["sdpa", "flex"]
+KERNELS = ["sdpa", "segments", "flex"]
 # FlexAttention has no backward on CPU (torch 2.14): its gradients are checked on CUDA only.
-TRAINING = [("sdpa", "cpu"), pytest.param("flex", "cuda", marks=pytest.mark.skipif(
+TRAINING = [("sdpa", "cpu"), ("segments", "cpu"), pytest.param("flex", "cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="FlexAttention's backward needs CUDA"))]
 
 
@@ -110,11 +110,13 @@ def test_kernels_agree_and_padding_does_not_leak():
     ids, sample_ids = pack(rows)
     with torch.no_grad():
         sdpa, flex = tiny("sdpa")(ids, sample_ids=sample_ids), tiny("flex")(ids, sample_ids=sample_ids)
+        segments = tiny("segments")(ids, sample_ids=sample_ids)
         noisy = ids.clone()
         noisy[sample_ids == 0] = 7  # other padding tokens: real tokens' logits unchanged
         other = tiny("sdpa")(noisy, sample_ids=sample_ids)
     real = sample_ids > 0
     torch.testing.assert_close(sdpa[real], flex[real], atol=1e-5, rtol=0)
+    torch.testing.assert_close(sdpa, segments, atol=1e-5, rtol=0)  # padding too: one more sample
     assert torch.equal(sdpa[real], other[real])
 
 
@@ -123,13 +125,16 @@ def test_packed_context_errors():
     with pytest.raises(ValueError, match="packed rows .sample_ids. are for training"):
         model.context(4, sample_ids=torch.ones(1, 4, dtype=torch.long), cache=model.new_cache(1, 8))
     model.packed_attention = "fast"
-    with pytest.raises(ValueError, match=r"Llama.packed_attention must be one of \('auto', 'flex', 'sdpa'\), got 'fast'"):
+    with pytest.raises(ValueError, match=r"Llama.packed_attention must be one of \('auto', 'flex', 'sdpa', 'segments'\), got"):
         model(torch.ones(1, 4, dtype=torch.long), sample_ids=torch.ones(1, 4, dtype=torch.long))
 
 
-def test_auto_kernel_is_sdpa_on_cpu_and_the_mask_is_block_diagonal():
-    model = tiny("auto")
-    ctx = model.context(6, sample_ids=torch.tensor([[1, 1, 2, 2, 2, 0]]))
+def test_auto_kernel_on_cpu_is_per_sample_and_the_sdpa_mask_is_block_diagonal():
+    ids = torch.tensor([[1, 1, 2, 2, 2, 0], [1, 1, 1, 1, 1, 1]])
+    auto = tiny("auto").context(6, sample_ids=ids)
+    assert auto.segments == [[0, 2, 5, 6], [0, 6]] and auto.mask is None and auto.block_mask is None
+    model = tiny("sdpa")
+    ctx = model.context(6, sample_ids=ids[:1])
     assert ctx.block_mask is None and not ctx.is_causal
     expected = torch.tensor([[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0], [0, 0, 1, 1, 0, 0],
                              [0, 0, 1, 1, 1, 0], [0, 0, 0, 0, 0, 1]], dtype=torch.bool)

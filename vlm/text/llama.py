@@ -24,7 +24,7 @@ try:
 except ImportError:  # an older torch: packed rows use the boolean-mask SDPA path
     BlockMask = create_block_mask = flex_attention = None
 
-PACKED_KERNELS = ("auto", "flex", "sdpa")
+PACKED_KERNELS = ("auto", "flex", "sdpa", "segments")
 
 
 @dataclass
@@ -148,6 +148,7 @@ class StepContext:
     cache: Cache | None = None
     start: int = 0  # where this call's keys go in the cache
     block_mask: BlockMask | None = None  # packed rows on the FlexAttention kernel (then mask is None)
+    segments: list[list[int]] | None = None  # packed rows on the per-sample kernel: each row's sample bounds
     extras: dict = field(default_factory=dict)  # room for fusions (e.g. cross-attention caches)
 
 
@@ -183,7 +184,10 @@ class Attention(nn.Module):
             repeat = q.shape[1] // k.shape[1]
             k = k.repeat_interleave(repeat, dim=1)
             v = v.repeat_interleave(repeat, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.is_causal)
+        if ctx.segments is not None:
+            out = _per_sample_attention(q, k, v, ctx.segments)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.is_causal)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -319,14 +323,20 @@ class Llama(nn.Module):
         sample's tokens contiguous: a block-diagonal causal mask and positions restarting per sample.
 
         The kernel is `self.packed_attention`: "flex" (FlexAttention with a block mask that skips
-        the blocks across samples; meant for a compiled model), "sdpa" (a boolean mask [B, 1, T, T]),
-        or "auto": flex on CUDA, sdpa elsewhere. Padding tokens form one more block, unused."""
+        the blocks across samples; meant for a compiled model; no backward on CPU), "sdpa" (a
+        boolean mask [B, 1, T, T]: every row pays T x T), "segments" (causal SDPA per sample, cost
+        the sum of the samples' squares; reads the bounds on the host, so not for compiled models),
+        or "auto": flex on CUDA, sdpa while compiling on CPU, else segments. Padding tokens form one
+        more sample, unused."""
         weight = self.tok_embeddings.weight
         T = sample_ids.shape[1]
         index = torch.arange(T, device=sample_ids.device)
         cos, sin = self._rotary()(index - sample_starts(sample_ids), weight.dtype, limit=T)
-        if self._packed_kernel(weight.device) == "flex":
+        kernel = self._packed_kernel(weight.device)
+        if kernel == "flex":
             return StepContext(cos=cos, sin=sin, mask=None, is_causal=False, block_mask=_block_mask(sample_ids))
+        if kernel == "segments":
+            return StepContext(cos=cos, sin=sin, mask=None, is_causal=False, segments=_sample_bounds(sample_ids))
         same = sample_ids[:, :, None] == sample_ids[:, None, :]  # [B, T, T]
         return StepContext(cos=cos, sin=sin, mask=(same & (index[None, :] <= index[:, None]))[:, None], is_causal=False)
 
@@ -335,7 +345,9 @@ class Llama(nn.Module):
         if kernel not in PACKED_KERNELS:
             raise ValueError(f"Llama.packed_attention must be one of {PACKED_KERNELS}, got {kernel!r}")
         if kernel == "auto":
-            return "flex" if device.type == "cuda" and flex_attention is not None else "sdpa"
+            if device.type == "cuda" and flex_attention is not None:
+                return "flex"
+            return "sdpa" if torch.compiler.is_compiling() else "segments"
         if kernel == "flex" and flex_attention is None:
             raise ValueError("Llama.packed_attention 'flex': this torch build has no torch.nn.attention.flex_attention")
         return kernel
@@ -402,3 +414,20 @@ def _block_mask(sample_ids: torch.Tensor) -> BlockMask:
 
     B, T = sample_ids.shape
     return create_block_mask(same_sample_causal, B, None, T, T, device=sample_ids.device)
+
+
+def _sample_bounds(sample_ids: torch.Tensor) -> list[list[int]]:
+    """Per row, where its samples (and its padding) start, then T: [0, s1, s2, ..., T] (read on the host)."""
+    T = sample_ids.shape[1]
+    change = (sample_ids[:, 1:] != sample_ids[:, :-1]).cpu()  # [B, T - 1]
+    return [[0, *(change[row].nonzero().flatten() + 1).tolist(), T] for row in range(sample_ids.shape[0])]
+
+
+def _per_sample_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: list[list[int]]) -> torch.Tensor:
+    """Causal attention within each [start, end) of each row: q, k, v [B, H, T, hd] -> [B, H, T, hd]."""
+    rows = []
+    for row, edges in enumerate(bounds):
+        parts = [F.scaled_dot_product_attention(q[row, :, a:b], k[row, :, a:b], v[row, :, a:b], is_causal=True)
+                 for a, b in zip(edges[:-1], edges[1:])]
+        rows.append(torch.cat(parts, dim=1))
+    return torch.stack(rows)

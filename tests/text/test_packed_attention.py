@@ -125,7 +125,7 @@ def test_packed_context_errors():
     with pytest.raises(ValueError, match="packed rows .sample_ids. are for training"):
         model.context(4, sample_ids=torch.ones(1, 4, dtype=torch.long), cache=model.new_cache(1, 8))
     model.packed_attention = "fast"
-    with pytest.raises(ValueError, match=r"Llama.packed_attention must be one of \('auto', 'flex', 'sdpa', 'segments'\), got"):
+    with pytest.raises(ValueError, match=r"Llama.packed_attention must be one of \('auto', 'compiled', 'flex', 'sdpa', 'segments'\), got"):
         model(torch.ones(1, 4, dtype=torch.long), sample_ids=torch.ones(1, 4, dtype=torch.long))
 
 
@@ -133,6 +133,8 @@ def test_auto_kernel_on_cpu_is_per_sample_and_the_sdpa_mask_is_block_diagonal():
     ids = torch.tensor([[1, 1, 2, 2, 2, 0], [1, 1, 1, 1, 1, 1]])
     auto = tiny("auto").context(6, sample_ids=ids)
     assert auto.segments == [[0, 2, 5, 6], [0, 6]] and auto.mask is None and auto.block_mask is None
+    compiled = tiny("compiled").context(6, sample_ids=ids)  # on CPU: the mask, nothing read on the host
+    assert compiled.segments is None and compiled.block_mask is None and compiled.mask.shape == (2, 1, 6, 6)
     model = tiny("sdpa")
     ctx = model.context(6, sample_ids=ids[:1])
     assert ctx.block_mask is None and not ctx.is_causal
@@ -156,3 +158,15 @@ def test_masks_without_packing_need_no_host_value():
     model.context(4, cache=cache)
     step = model.context(1, cache=cache)
     assert not step.is_causal and step.mask.shape == (2, 1, 1, 5) and step.mask.all()
+
+
+def test_packed_rows_through_compiled_layers_without_graph_breaks():
+    """The 'compiled' kernel (what compiled blocks use): whole-graph layers give the eager logits."""
+    model, rows = tiny("compiled"), samples(2)
+    ids, sample_ids = pack(rows)
+    with torch.no_grad():
+        eager = model(ids, sample_ids=sample_ids)
+        for layer in model.layers:
+            layer.forward = torch.compile(layer.forward, backend="eager", fullgraph=True)
+        compiled = model(ids, sample_ids=sample_ids)
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)

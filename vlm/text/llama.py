@@ -24,7 +24,7 @@ try:
 except ImportError:  # an older torch: packed rows use the boolean-mask SDPA path
     BlockMask = create_block_mask = flex_attention = None
 
-PACKED_KERNELS = ("auto", "flex", "sdpa", "segments")
+PACKED_KERNELS = ("auto", "compiled", "flex", "sdpa", "segments")
 
 
 @dataclass
@@ -326,8 +326,9 @@ class Llama(nn.Module):
         the blocks across samples; meant for a compiled model; no backward on CPU), "sdpa" (a
         boolean mask [B, 1, T, T]: every row pays T x T), "segments" (causal SDPA per sample, cost
         the sum of the samples' squares; reads the bounds on the host, so not for compiled models),
-        or "auto": flex on CUDA, sdpa while compiling on CPU, else segments. Padding tokens form one
-        more sample, unused."""
+        "compiled": flex on CUDA, sdpa elsewhere (no host read, nothing that changes with the packing
+        layout: what compiled blocks need), or "auto": flex on CUDA, sdpa while compiling on CPU,
+        else segments. Padding tokens form one more sample, unused."""
         weight = self.tok_embeddings.weight
         T = sample_ids.shape[1]
         index = torch.arange(T, device=sample_ids.device)
@@ -344,10 +345,10 @@ class Llama(nn.Module):
         kernel = self.packed_attention
         if kernel not in PACKED_KERNELS:
             raise ValueError(f"Llama.packed_attention must be one of {PACKED_KERNELS}, got {kernel!r}")
-        if kernel == "auto":
+        if kernel in ("auto", "compiled"):
             if device.type == "cuda" and flex_attention is not None:
                 return "flex"
-            return "sdpa" if torch.compiler.is_compiling() else "segments"
+            return "sdpa" if kernel == "compiled" or torch.compiler.is_compiling() else "segments"
         if kernel == "flex" and flex_attention is None:
             raise ValueError("Llama.packed_attention 'flex': this torch build has no torch.nn.attention.flex_attention")
         return kernel

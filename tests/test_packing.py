@@ -14,7 +14,7 @@ from vlm.data.packing import Packer
 from vlm.text.chat import ChatTemplate
 
 CAPACITY = 96
-FUSIONS = ["llava", "flamingo"]
+FUSIONS = ["llava", "flamingo", "flamingo-all"]  # flamingo-all: only_attend_immediate false
 
 
 def picture(seed: int) -> Image.Image:
@@ -59,9 +59,10 @@ def encoded(tokenizer, *, other_images: str | None = None) -> list:
 
 
 def model_and_collator(tokenizer, fusion: str):
-    model = tiny_model_for(tokenizer, fusion, seed=1)
-    if fusion == "flamingo":
+    model = tiny_model_for(tokenizer, fusion.split("-")[0], seed=1)
+    if fusion.startswith("flamingo"):
         open_gates(model, 0.5)  # so that images change the text
+        model.fusion.options.only_attend_immediate = fusion == "flamingo"
     collator = Collator(pad_id=tokenizer.pad_id, image_id=tokenizer.image_id, image_token_count=model.tokens_per_image,
                         max_length=CAPACITY)
     return model, collator

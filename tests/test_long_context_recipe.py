@@ -69,7 +69,7 @@ def test_extension_recipe_continues_the_base_recipe():
     assert {k: v for k, v in long_text.items() if k not in ("max_seq_len", "rope_scaling")} == \
            {k: v for k, v in short_text.items() if k != "max_seq_len"}
     assert long["model"]["config"]["vision"] == base["model"]["config"]["vision"]
-    assert long["data"]["tokenizer"] == base["data"]["tokenizer"]
+    assert long["data"]["tokenizer"] == base["data"]["tokenizer"] and long["data"]["packing"] is True
     assert long["model"]["init_checkpoint"] == base["trainer"]["default_root_dir"] + "/model"
 
 

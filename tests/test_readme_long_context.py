@@ -8,6 +8,7 @@ import json
 import re
 import shlex
 
+import pytest
 import yaml
 from test_readme import ROOT, commands
 
@@ -53,6 +54,7 @@ EXTENSION_TINY = {
 }
 
 
+@pytest.mark.slow
 def test_context_extension_commands_run(tmp_path, monkeypatch, capsys):
     """The "Context extension" commands in order, verbatim but for a few documents and a tiny model:
     base at 256, exported, extended to 2048 by the shipped recipe (YaRN), exported, evaluated."""

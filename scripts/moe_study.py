@@ -82,10 +82,17 @@ def fit_command(args: argparse.Namespace, fusion: str, kind: str, out: Path) -> 
 
 
 def train_and_evaluate(args: argparse.Namespace, fusion: str, kind: str) -> list[dict]:
-    """fit, export and evaluate one run; returns its commands with their wall seconds."""
+    """fit, export and evaluate one run; returns its commands with their timings."""
     out, log = Path(args.out) / f"{fusion}_{kind}", []
     run_vlm(fit_command(args, fusion, kind, out), log)
-    run_vlm(["export", "--checkpoint", str(out / "checkpoints" / "last.ckpt"), "--out", str(out / "model")], log)
+    return log + evaluate(args, out)
+
+
+def evaluate(args: argparse.Namespace, out: Path) -> list[dict]:
+    """export and evaluate a trained run (its eval/ replaced); returns the commands with their timings."""
+    log: list[dict] = []
+    run_vlm(["export", "--checkpoint", str(out / "checkpoints" / "last.ckpt"), "--out", str(out / "model"),
+             "--overwrite"], log)
     limit = ["--limit", str(args.eval_limit)] if args.eval_limit else []
     run_vlm(["evaluate", "--model", str(out / "model"), "--data", f"{args.data}/caption/val-*.tar",
              "--out", str(out / "eval"), *limit], log)
@@ -260,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed_everything of every run (default %(default)s)")
     p.add_argument("--validate", action="store_true", help="validate (loss, 128 captions) at the last step; "
                    "off by default: the held-out evaluation is the measure and generation is slow on a busy CPU")
+    p.add_argument("--evaluate-only", action="store_true", help="train nothing: export and evaluate the runs "
+                   "in --out again (e.g. with another --eval-limit), then collect")
     p.add_argument("--from-runs", action="store_true", help="train nothing: collect from the run folders in --out")
     p.add_argument("--data", default="data/shapes", help="the shapes folder (made by the first run when missing)")
     p.add_argument("--out", default="outputs/moe_study", help="run folders: OUT/<fusion>_<dense|moe>")
@@ -286,8 +295,8 @@ def study_run(args: argparse.Namespace, fusion: str, kind: str, commands: list[d
     the CPU seconds per step of its `vlm fit` (startup, validation and checkpoints included)."""
     run_dir = Path(args.out) / f"{fusion}_{kind}"
     run = collect(run_dir, args.tail)
-    if not commands:
-        return {"commands": [shlex.join(["vlm", *fit_command(args, fusion, kind, run_dir)])], **run}
+    if not commands or not commands[0]["command"].startswith("vlm fit "):
+        return {"commands": commands or [shlex.join(["vlm", *fit_command(args, fusion, kind, run_dir)])], **run}
     return {"commands": commands, "fit_cpu_s_per_step": round(commands[0]["cpu_seconds"] / run["steps"], 4), **run}
 
 
@@ -299,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     names = [f"{fusion}_{kind}" for fusion in args.fusions for kind in KINDS]
     if args.from_runs:
         commands = earlier_commands(args.bench_dir)
+    elif args.evaluate_only:  # the fit commands (and timings) of the study that trained the runs are kept
+        earlier = earlier_commands(args.bench_dir)
+        commands = {name: [c for c in earlier.get(name, []) if c["command"].startswith("vlm fit ")]
+                    + evaluate(args, Path(args.out) / name) for name in names}
     else:
         commands = {name: train_and_evaluate(args, *name.rsplit("_", 1)) for name in names}
     runs = {name: study_run(args, *name.rsplit("_", 1), commands.get(name)) for name in names}

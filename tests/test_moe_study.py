@@ -120,6 +120,17 @@ def test_study_end_to_end_on_tiny_runs(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "| llava | moe | 4 |" in out and "| flamingo | dense | 4 |" in out
 
-    # --from-runs trains nothing and reads the same numbers back (the commands' timings from results.json)
+    # --evaluate-only exports and evaluates again (here on 6 images), keeping the fit commands and their timings
+    assert moe_study.main([*args, "--evaluate-only", "--eval-limit", "6"]) == 0
+    again = json.loads((bench / "results.json").read_text())
+    for name, run in again["runs"].items():
+        assert run["eval"]["images"] == 6 and run["commands"][0] == results["runs"][name]["commands"][0]
+        assert [c["command"].split()[1] for c in run["commands"]] == ["fit", "export", "evaluate"]
+        assert "--limit 6" in run["commands"][2]["command"]
+        assert run["fit_cpu_s_per_step"] == results["runs"][name]["fit_cpu_s_per_step"]
+        assert run["step_time"] == results["runs"][name]["step_time"]
+
+    # --from-runs trains and evaluates nothing and reads the same numbers back
     assert moe_study.main([*args, "--from-runs"]) == 0
-    assert json.loads((bench / "results.json").read_text()) == {**results, "settings": {**results["settings"], "from_runs": True}}
+    final = json.loads((bench / "results.json").read_text())
+    assert final["runs"] == again["runs"] and final["settings"]["from_runs"]

@@ -3,6 +3,10 @@ import os
 # Any accidental hub look-up fails at once instead of retrying.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two pytest-xdist workers on the two cores: one thread each (torch's two
+    # threads per worker would oversubscribe them), for the subprocesses they start too.
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 import pytest  # noqa: E402

@@ -32,7 +32,8 @@ from training_helpers import read_losses  # noqa: E402
 STRATEGIES = {"fsdp2": "configs/strategy/fsdp2.yaml", "fsdp1": "configs/strategy/fsdp.yaml"}
 
 
-def overrides(out: Path, shapes: Path, *, accelerator: str, devices: int, steps: int, every: int, kill_at: int | None) -> Path:
+def overrides(out: Path, shapes: Path, *, accelerator: str, devices: int, steps: int, every: int, kill_at: int | None,
+              compile_blocks: bool = False) -> Path:
     callbacks = [
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
          "init_args": {"dirpath": str(out / "checkpoints"), "every_n_train_steps": every, "save_last": True, "save_top_k": -1}},
@@ -45,7 +46,7 @@ def overrides(out: Path, shapes: Path, *, accelerator: str, devices: int, steps:
                     "limit_val_batches": 2, "log_every_n_steps": 1, "enable_progress_bar": False,
                     "default_root_dir": str(out), "callbacks": callbacks,
                     "logger": [{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(out), "name": "logs"}}]},
-        "model": {"caption_samples": 16, "max_new_tokens": 16},
+        "model": {"caption_samples": 16, "max_new_tokens": 16, "compile": compile_blocks},
         "data": {"train_shards": str(shapes / "caption" / "train-*.tar"), "val_shards": str(shapes / "caption" / "val-*.tar"),
                  "tokenizer": str(shapes / "tokenizer.json"), "shapes": None, "num_workers": 2},
     }
@@ -73,13 +74,16 @@ def vlm(args: list[str], *, timeout: float) -> int:
 def check(name: str, strategy: str, args: argparse.Namespace, shapes: Path) -> dict:
     base = ["fit", "--config", "configs/shapes.yaml", "--config", "configs/fusion/llava.yaml", "--config", strategy]
     runs = {}
+    compiled = args.compile and name == "fsdp2"  # model.compile: per-block torch.compile under FSDP2
     for run, kill in (("straight", None), ("killed", args.steps - args.every // 2)):
         out = args.out / name / run
-        recipe = overrides(out, shapes, accelerator=args.accelerator, devices=args.devices, steps=args.steps, every=args.every, kill_at=kill)
+        recipe = overrides(out, shapes, accelerator=args.accelerator, devices=args.devices, steps=args.steps, every=args.every, kill_at=kill,
+                           compile_blocks=compiled)
         start = time.perf_counter()
         runs[run] = {"exit": vlm([*base, "--config", str(recipe), "--overwrite"], timeout=args.timeout)}
         if kill is not None:
-            recipe = overrides(out, shapes, accelerator=args.accelerator, devices=args.devices, steps=args.steps, every=args.every, kill_at=None)
+            recipe = overrides(out, shapes, accelerator=args.accelerator, devices=args.devices, steps=args.steps, every=args.every, kill_at=None,
+                               compile_blocks=compiled)
             runs["resumed"] = {"exit": vlm([*base, "--config", str(recipe), "--ckpt_path", "last"], timeout=args.timeout)}
         runs[run]["seconds"] = round(time.perf_counter() - start, 1)
     straight, resumed = read_losses(args.out / name / "straight"), read_losses(args.out / name / "killed")
@@ -87,7 +91,7 @@ def check(name: str, strategy: str, args: argparse.Namespace, shapes: Path) -> d
     last = args.out / name / "killed" / "checkpoints" / "last.ckpt"
     exported = vlm(["export", "--checkpoint", str(last), "--out", str(args.out / name / "model"), "--overwrite"], timeout=300)
     result = {
-        "runs": runs, "sharded_checkpoint": last.is_dir(), "export_exit": exported,
+        "runs": runs, "compiled": compiled, "sharded_checkpoint": last.is_dir(), "export_exit": exported,
         "resume_exact": bool(straight) and all(resumed.get(s) == straight.get(s) is not None for s in after),
         "losses": {"straight": [straight.get(s) for s in after], "resumed": [resumed.get(s) for s in after]},
     }
@@ -104,6 +108,7 @@ def main() -> int:
     parser.add_argument("--every", type=int, default=20, help="validation and checkpoint interval")
     parser.add_argument("--timeout", type=float, default=240, help="seconds per run before it counts as hung")
     parser.add_argument("--devices", type=int, default=None, help="ranks (default: 2 GPUs if visible, else 1; 2 on CPU)")
+    parser.add_argument("--compile", action="store_true", help="the FSDP2 runs with model.compile true")
     args = parser.parse_args()
     args.out = args.out.resolve()
     if args.accelerator == "gpu":

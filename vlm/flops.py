@@ -9,7 +9,8 @@ embedding: tying shares the weight, not the product.
 
 The text model and the fusion are counted from their configs; the vision tower, whose structure
 depends on its library (timm, open_clip, ...), is counted once per image with
-`torch.utils.flop_counter.FlopCounterMode` on the tower itself.
+`torch.utils.flop_counter.FlopCounterMode` on the tower itself (before the tower is compiled:
+compiled code does not run under a dispatch mode).
 """
 
 from __future__ import annotations

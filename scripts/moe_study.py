@@ -207,27 +207,27 @@ def plot_loads(runs: dict[str, dict], fusion: str, path: Path) -> None:
 
 
 def plot_summary(runs: dict[str, dict], path: Path) -> None:
-    """Held-out exact match and median time per step per run, and the train loss curves."""
+    """Held-out exact match, median wall and fit CPU seconds per step per run, and the train loss curves."""
     import matplotlib.pyplot as plt
 
     names = list(runs)
     colours = ["tab:blue" if name.endswith("dense") else "tab:orange" for name in names]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 3.8))
-    em = [100 * runs[n]["eval"]["exact_match"] for n in names]
-    step = [runs[n]["step_time"]["median_s"] for n in names]
-    for ax, values, title, fmt in ((axes[0], em, "held-out exact match (%)", "{:.1f}"),
-                                   (axes[1], step, "median time per step (s)", "{:.3f}")):
+    panels = [([100 * runs[n]["eval"]["exact_match"] for n in names], "held-out exact match (%)", "{:.1f}"),
+              ([runs[n]["step_time"]["median_s"] for n in names], "median wall time per step (s)", "{:.3f}")]
+    if all("fit_cpu_s_per_step" in runs[n] for n in names):
+        panels.append(([runs[n]["fit_cpu_s_per_step"] for n in names], "fit CPU time per step (s)", "{:.3f}"))
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(5.2 * (len(panels) + 1), 3.8))
+    for ax, (values, title, fmt) in zip(axes, panels):
         bars = ax.bar(names, values, color=colours)
         ax.bar_label(bars, [fmt.format(v) for v in values], fontsize=8)
         ax.set_title(title)
-        ax.tick_params(axis="x", labelsize=8)
+        ax.tick_params(axis="x", labelsize=7)
     for name in names:
-        ax = axes[2]
-        ax.plot(*zip(*runs[name]["curves"]["train/loss"]), lw=1, alpha=0.8, label=name,
-                ls="-" if name.endswith("dense") else "--")
-    axes[2].set(title="train loss (logged steps)", xlabel="step", yscale="log")
-    axes[2].legend(fontsize=8)
-    axes[2].grid(alpha=0.3)
+        axes[-1].plot(*zip(*runs[name]["curves"]["train/loss"]), lw=1, alpha=0.8, label=name,
+                      ls="-" if name.endswith("dense") else "--")
+    axes[-1].set(title="train loss (logged steps)", xlabel="step", yscale="log")
+    axes[-1].legend(fontsize=8)
+    axes[-1].grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -10,6 +10,7 @@
     python scripts/bench.py all         # every benchmark at its defaults (lora and moe excepted: minutes on their own)
     python scripts/bench.py llama --threads 2 --json benchmarks/results/llama.json
     python scripts/bench.py llava --profile --compile   # + side-by-side torch.profiler tables, torch.compile
+    python scripts/bench.py flamingo --compile-only      # eager vs per-block and whole-step torch.compile only
 
 Each benchmark writes benchmarks/results/<name>.json (`--out-dir` elsewhere, `--json` for one
 file). Timings interleave the two sides: every repetition runs one of each, the order flipping
@@ -147,28 +148,79 @@ def profile_pair(fns: dict[str, Callable[[], object]], *, what: str, repeats: in
                                            **{f"{n}_calls": best[n].get(op, (0, 0))[1] for n in fns}} for op in ops]}
 
 
-def compile_comparison(eager: Callable[[], object], compiled: Callable[[], object], *, repeats: int) -> dict:
-    """torch.compile of our train step vs eager: compile time (the first two calls) and the interleaved ratio."""
-    with tempfile.TemporaryDirectory() as cache:
-        # a fresh inductor cache, so the compile time is that of a first run, not of a cache hit
-        old, os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.environ.get("TORCHINDUCTOR_CACHE_DIR"), cache
-        try:
-            start = time.perf_counter()
-            compiled(), compiled()  # the second call may recompile once for the dynamic shapes it saw
-            compile_s = time.perf_counter() - start
-        finally:
-            os.environ.pop("TORCHINDUCTOR_CACHE_DIR") if old is None else os.environ.update(TORCHINDUCTOR_CACHE_DIR=old)
-    t = interleaved({"eager": eager, "compiled": compiled}, warmup=0, repeats=repeats)
-    print(f"\ntorch.compile (ours, train step): compile {compile_s:.1f} s, eager {t['eager'] * 1e3:.0f} ms, "
-          f"compiled {t['compiled'] * 1e3:.0f} ms, speed-up {t['eager'] / t['compiled']:.2f}x "
-          f"(cpu time {t.cpu['eager'] / t.cpu['compiled']:.2f}x)", flush=True)
-    return {"compile_s": compile_s, "eager_s": t["eager"], "compiled_s": t["compiled"], "speedup": t["eager"] / t["compiled"],
-            "cpu_speedup": t.cpu["eager"] / t.cpu["compiled"]}
+def compile_comparison(model: torch.nn.Module, make_loss: Callable[[torch.nn.Module], Callable[[], torch.Tensor]], *,
+                       repeats: int, backend: str = "inductor", modes: tuple[str, ...] = ("regional", "whole")) -> dict:
+    """Our train step eager vs compiled: `regional` compiles each block as `model.compile: true`
+    does (vlm.training.compile), `whole` compiles the step's forward and loss as one graph. For each:
+    compile time (the first two calls, with a fresh inductor cache), graphs and recompiles, then
+    all sides interleaved `repeats` times: median, min and max seconds."""
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    from vlm.training.compile import compile_blocks
+
+    steps = {"eager": lambda: train_step(model, make_loss(model))}
+    result: dict = {"backend": backend}
+    for mode in modes:
+        torch._dynamo.reset()
+        if mode == "regional":
+            copied = copy.deepcopy(model)
+            units = _blocks_of(copied)
+            compile_blocks(units, backend=backend)
+            step = (lambda m: lambda: train_step(m, make_loss(m)))(copied)
+        else:
+            forward = torch.compile(make_loss(model), backend=backend)
+            step = (lambda f: lambda: train_step(model, f))(forward)
+        graphs, frames = counters["stats"]["unique_graphs"], counters["frames"]["ok"]
+        with tempfile.TemporaryDirectory() as cache:  # a first run's compile time, not a cache hit
+            old, os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.environ.get("TORCHINDUCTOR_CACHE_DIR"), cache
+            try:
+                start = time.perf_counter()
+                step(), step()  # the second call may recompile once for what it saw
+                compile_s = time.perf_counter() - start
+            finally:
+                os.environ.pop("TORCHINDUCTOR_CACHE_DIR") if old is None else os.environ.update(TORCHINDUCTOR_CACHE_DIR=old)
+        result[mode] = {"compile_s": compile_s, "graphs": counters["stats"]["unique_graphs"] - graphs,
+                        "frames_compiled": counters["frames"]["ok"] - frames}
+        steps[mode] = step
+    t = interleaved(steps, warmup=0, repeats=repeats)
+    for name in steps:
+        walls = [w for w, _ in t.raw[name]]
+        result.setdefault(name, {}).update(median_s=t[name], min_s=min(walls), max_s=max(walls), cpu_median_s=t.cpu[name])
+    print(f"\ntorch.compile of our train step ({backend}, {repeats} interleaved repeats; median [min-max] ms):")
+    print(f"  eager     {_spread(result['eager'])}")
+    for mode in modes:
+        r = result[mode]
+        r["speedup"] = t["eager"] / t[mode]
+        r["speedup_worst"] = min(w for w, _ in t.raw["eager"]) / r["max_s"]  # slowest compiled vs fastest eager
+        print(f"  {mode:<9} {_spread(r)}  speed-up {r['speedup']:.2f}x (worst pair {r['speedup_worst']:.2f}x), "
+              f"compile {r['compile_s']:.1f} s, {r['graphs']} graphs, {r['frames_compiled']} frames", flush=True)
+    return result
+
+
+def _spread(r: dict) -> str:
+    return f"{r['median_s'] * 1e3:7.0f} [{r['min_s'] * 1e3:.0f}-{r['max_s'] * 1e3:.0f}]"
+
+
+def _blocks_of(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The regional-compile units: a VisionLanguageModel's blocks, or a Llama's decoder layers."""
+    if hasattr(model, "fusion"):
+        from vlm.training.parallel import blocks
+
+        return blocks(model)
+    return list(model.layers)
 
 
 def compare(args: argparse.Namespace, models: tuple, *, steps: dict, gens: dict, train_tokens: int, gen_tokens: int,
-            targets: tuple, title: str, theirs: str = "transformers", compiled: Callable[[], object] | None = None) -> dict:
-    """The common part of llama, llava and flamingo: check equality, time train and generation, report."""
+            targets: tuple, title: str, theirs: str = "transformers",
+            make_loss: Callable[[torch.nn.Module], Callable[[], torch.Tensor]] | None = None) -> dict:
+    """The common part of llama, llava and flamingo: check equality, time train and generation, report.
+    `make_loss(model)`: our loss closure, for `--compile` (`--compile-only` skips the rest)."""
+    if getattr(args, "compile_only", False):
+        return {"title": title, "config": config_json(args),
+                "compile": compile_comparison(models[1].train(), make_loss, repeats=args.repeats,
+                                              backend=args.compile_backend, modes=tuple(args.compile_modes))}
     for m in models:
         m.train()
     check_close(f"{args.bench} train loss", float(steps["ours"]()), float(steps["theirs"]()))
@@ -192,8 +244,9 @@ def compare(args: argparse.Namespace, models: tuple, *, steps: dict, gens: dict,
           f"({saved['theirs'] / saved['ours']:.2f}x less)", flush=True)
     if args.profile:
         result["profile"]["train"] = profile_pair(steps, what="train step")
-    if compiled is not None and getattr(args, "compile", False):
-        result["compile"] = compile_comparison(steps["ours"], compiled, repeats=args.repeats)
+    if make_loss is not None and getattr(args, "compile", False):
+        result["compile"] = compile_comparison(models[1], make_loss, repeats=args.repeats, backend=args.compile_backend,
+                                               modes=tuple(args.compile_modes))
     return result
 
 
@@ -203,12 +256,6 @@ def saved_for_backward(model: torch.nn.Module, step: Callable[[], object]) -> fl
     with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
         step()
     return saved.total / 2**20
-
-
-def compiled_step(model: torch.nn.Module, batch) -> Callable[[], torch.Tensor]:
-    """Our train step through `torch.compile(model)` (compiled lazily, on the first call)."""
-    compiled = torch.compile(model)
-    return lambda: train_step(model, lambda: compiled(batch, return_logits=False).loss)
 
 
 def config_json(args: argparse.Namespace) -> dict:
@@ -319,6 +366,7 @@ def bench_llama(args: argparse.Namespace) -> dict:
             "theirs": lambda: hf.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
                                           eos_token_id=None)[0, prompt.shape[1]:].tolist()}
     return compare(args, (hf, ours), steps=steps, gens=gens, train_tokens=ids.numel(), gen_tokens=args.gen_batch * new,
+                   make_loss=lambda m: lambda: m.loss(ids, labels),
                    targets=(1.2, 2.0), title=f"llama: dim {args.dim}, {args.layers} layers, {args.heads} heads, {args.kv_heads} "
                    f"kv heads, vocab {args.vocab}, seq {args.seq}, batch {args.batch}, fp32, {torch.get_num_threads()} threads")
 
@@ -386,7 +434,7 @@ def bench_llava(args: argparse.Namespace) -> dict:
              f"tokens (layer -2, CLS dropped), projector mlp2x_gelu; batch {args.batch} x seq {ids.shape[1]}; projector + LLM "
              f"train, vision frozen; fp32, {torch.get_num_threads()} threads")
     return compare(args, (hf, ours), steps=steps, gens=gens, train_tokens=ids.numel(), gen_tokens=new, targets=(1.2, None),
-                   title=title, compiled=compiled_step(ours, batch))
+                   title=title, make_loss=lambda m: lambda: m(batch, return_logits=False).loss)
 
 
 # --- flamingo ----------------------------------------------------------------------------------
@@ -459,7 +507,7 @@ def bench_flamingo(args: argparse.Namespace) -> dict:
              f"layer; batch {args.batch} x seq {ids.shape[1]}; resampler + cross-attention train; fp32, "
              f"{torch.get_num_threads()} threads")
     return compare(args, (hf, ours), steps=steps, gens=gens, train_tokens=ids.numel(), gen_tokens=new, targets=(1.2, None),
-                   title=title, theirs="idefics", compiled=compiled_step(ours, batch))
+                   title=title, theirs="idefics", make_loss=lambda m: lambda: m(batch, return_logits=False).loss)
 
 
 # --- fusion: LLaVA vs Flamingo on the shapes data ----------------------------------------------
@@ -831,8 +879,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", type=Path, default=None, help="write the results here instead of OUT_DIR/<name>.json")
     for p in (llama, llava, flamingo, moe):
         p.add_argument("--profile", action="store_true", help="side-by-side torch.profiler tables of both sides")
-    for p in (llava, flamingo):
+    for p in (llama, llava, flamingo):
         p.add_argument("--compile", action="store_true", help="also time torch.compile of our train step vs eager")
+        p.add_argument("--compile-only", action="store_true", help="only eager vs compiled (no anchor comparison)")
+        p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager/aot_eager: trace only)")
+        p.add_argument("--compile-modes", nargs="+", choices=["regional", "whole"], default=["regional", "whole"],
+                       help="regional: per block (model.compile: true); whole: forward + loss as one graph")
     return parser
 
 

@@ -134,3 +134,19 @@ def test_lora_benchmark_profiles_full_lora_and_qlora(bench, tmp_path, capsys):
     assert "of which LoRA" in estimates["llava lora"]["table"]
     qlora, lora = (estimates[f"llava {n} bf16-true"]["static_bytes"]["weights"]["frozen"] for n in ("qlora", "lora"))
     assert qlora < lora  # NF4 bases
+
+
+@pytest.mark.parametrize("name", ["flamingo"])
+def test_compile_only_times_eager_regional_and_whole(bench, name, tmp_path, capsys):
+    """The compiled columns' code path, traced by dynamo and run eagerly (inductor's code
+    generation takes minutes here); the real numbers come from the same command with inductor."""
+    assert bench.main([name, *TINY[name], "--repeats", "2", "--compile-only", "--compile-backend", "eager",
+                       "--out-dir", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / f"{name}.json").read_text())["compile"]
+    for mode in ("eager", "regional", "whole"):
+        assert 0 < result[mode]["min_s"] <= result[mode]["median_s"] <= result[mode]["max_s"]
+    for mode in ("regional", "whole"):
+        assert result[mode]["graphs"] >= 1 and result[mode]["speedup"] > 0 and result[mode]["compile_s"] > 0
+    # one graph for the whole step (no break), compiled at most twice (the first call builds RoPE tables)
+    assert result["whole"]["graphs"] <= 2
+    assert "speed-up" in capsys.readouterr().out

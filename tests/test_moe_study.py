@@ -4,6 +4,7 @@ both fusions) end to end on a tiny model and data, its JSON and plots checked ag
 import csv
 import importlib.util
 import json
+import shlex
 import statistics
 from pathlib import Path
 
@@ -134,3 +135,16 @@ def test_study_end_to_end_on_tiny_runs(tmp_path, monkeypatch, capsys):
     assert moe_study.main([*args, "--from-runs"]) == 0
     final = json.loads((bench / "results.json").read_text())
     assert final["runs"] == again["runs"] and final["settings"]["from_runs"]
+
+
+def test_readme_quotes_the_committed_study():
+    """The README's "Mixture of Experts" section runs this script with the committed results' settings
+    and quotes their held-out exact matches (proposed in /tmp/h/moestudy-readme.md until it is pasted)."""
+    body = (ROOT / "README.md").read_text().split("## Mixture of Experts", 1)[1].split("\n## ", 1)[0]
+    lines = [line.strip() for line in body.splitlines() if line.strip().startswith("python scripts/moe_study.py")]
+    assert lines, "no `python scripts/moe_study.py` command in the README's Mixture of Experts section"
+    results = json.loads((ROOT / "benchmarks" / "moe_study" / "results.json").read_text())
+    study = moe_study.build_parser().parse_args(shlex.split(lines[0])[2:])
+    assert study.steps == results["settings"]["steps"] and not study.from_runs
+    for name, run in results["runs"].items():
+        assert f"{100 * run['eval']['exact_match']:.1f}%" in body, name

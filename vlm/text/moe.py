@@ -108,6 +108,20 @@ def grouped_mm_supported(device_type: str, dtype: torch.dtype) -> bool:
         return False
 
 
+_PROBED: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _grouped_mm_here(device_type: str, dtype: torch.dtype) -> bool:
+    """`grouped_mm_supported`, remembered for compiled code, which cannot run the probe (it makes
+    tensors that require gradients): there a pair never probed eagerly takes the padded path, and
+    so does float32 (torch's shape function for `_grouped_mm` accepts bf16 only, though the CPU
+    kernel runs float32)."""
+    if torch.compiler.is_compiling():
+        return _PROBED.get((device_type, dtype), False) and dtype == torch.bfloat16
+    _PROBED[device_type, dtype] = grouped_mm_supported(device_type, dtype)
+    return _PROBED[device_type, dtype]
+
+
 def _probe_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
     x = torch.randn(8, 16, device=device_type, dtype=dtype, requires_grad=True)
     w = torch.randn(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
@@ -206,7 +220,8 @@ class MoEFeedForward(nn.Module):
         expert, order = chosen.T.reshape(-1).sort(stable=True)
         token = torch.arange(n, device=scores.device).repeat(c.top_k)[order]
         weight = weight.T.reshape(-1)[order]
-        route = Routing(token, expert, weight, torch.bincount(expert, minlength=e), None, scores.new_zeros(()))
+        counts = torch.zeros(e, dtype=torch.long, device=scores.device).scatter_add(0, expert, torch.ones_like(expert))
+        route = Routing(token, expert, weight, counts, None, scores.new_zeros(()))  # counts: bincount, static shape
         if c.capacity_factor is not None:
             route.capacity = math.ceil(c.capacity_factor * c.top_k * n / e)
             kept = route.slots() < route.capacity
@@ -227,7 +242,7 @@ class MoEFeedForward(nn.Module):
     def _dispatch(self, x: torch.Tensor, route: Routing) -> torch.Tensor:
         """Run every assignment through its expert; sum the weighted outputs per token."""
         rows = x[route.token]  # [A, D], sorted by expert
-        if route.capacity is None and grouped_mm_supported(x.device.type, x.dtype) and _aligned(self.experts, x):
+        if route.capacity is None and _grouped_mm_here(x.device.type, x.dtype) and _aligned(self.experts, x):
             ends = route.counts.cumsum(0).to(torch.int32)
             out = self.experts.grouped(rows, ends)
         else:
@@ -240,7 +255,14 @@ class MoEFeedForward(nn.Module):
         """The padded batched matmul: assignments beyond the capacity go to a spare row per expert
         whose output is multiplied by a zero weight."""
         e, d = self.config.num_experts, rows.shape[-1]
-        capacity = route.capacity if route.capacity is not None else int(route.counts.max())
+        capacity = route.capacity
+        if capacity is None and torch.compiler.is_compiling():
+            # A static bound instead of reading the largest load (a graph break): an expert gets at
+            # most every token once. Exact, but E / top_k times the work: compiled runs that use
+            # this path (no grouped GEMM) should set a capacity_factor.
+            capacity = rows.shape[0] // self.config.top_k
+        elif capacity is None:
+            capacity = int(route.counts.max())
         index = route.expert * (capacity + 1) + route.slots().clamp_max(capacity)  # [A]
         buffer = rows.new_zeros(e * (capacity + 1), d).index_copy(0, index, rows)
         out = self.experts.padded(buffer.view(e, capacity + 1, d)).reshape(-1, d)

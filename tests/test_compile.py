@@ -164,3 +164,17 @@ def test_moe_feed_forward_compiles_whole_and_matches_eager():
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(layer.aux_loss, want_aux)
     assert torch.equal(layer.last_load, want_load) and int(want_load.sum()) == 2 * 14
+
+
+def test_recompiles_are_counted_and_stop_once_the_length_is_dynamic():
+    model = small_model("llava")
+    compile_model(model, backend="aot_eager")
+    torch._dynamo.reset()
+    seen = []
+    for length in (4, 6, 8, 10):  # text-only rows: only the decoder layer's code compiles
+        batch = batch_from(model, [[1, 2, 3, 4, 6, 7, 8, 9, 10, 11][:length]], labels=True)
+        model(batch, return_logits=False).loss.backward()
+        seen.append(compile_statistics())
+    # length 4: one graph; length 6 fails its guard and recompiles with a dynamic length; then no more
+    assert [s["compile/graphs"] - seen[0]["compile/graphs"] for s in seen] == [0, 1, 1, 1]
+    assert [s["compile/recompiles"] for s in seen] == [0, 1, 1, 1]

@@ -9,7 +9,9 @@ the stream's order) and once as packed rows (`vlm.data.packing.Packer`, `--packe
 `--max-len` tokens per batch). Each pass is zero_grad + forward + backward of every batch (no
 optimizer step, alike on both sides), through `VisionLanguageModel` with the data layer's collator.
 Passes alternate (interleaved repeats, order flipped each time); the median pass time gives tokens/s,
-with the min-max over the repeats. Real tokens: attention_mask ones (text and image positions).
+with the min-max over the repeats, the ratio of median process CPU times (which other processes'
+load moves less), and each repeat's ratio (its padded and packed passes ran back to back); the
+target counts as met when the slowest repeat meets it. Real tokens: attention_mask ones (text and image positions).
 
 Before timing, the mean next-token loss over all samples is computed both ways (sum of token losses
 over all labelled tokens); they must agree within `--loss-tol` (relative), else the script fails.
@@ -149,13 +151,19 @@ def summary(args, sets: dict[str, list[Batch]], losses: dict[str, float], timing
     rates = {name: {"median": real[name] / timings[name],
                     "min": min(real[name] / wall for wall, _ in timings.raw[name]),
                     "max": max(real[name] / wall for wall, _ in timings.raw[name])} for name in sets}
+    cpu_rates = {name: real[name] / timings.cpu[name] for name in sets}  # per second of this process's CPU time
     ratio = {"median": rates["packed"]["median"] / rates["padded"]["median"],
-             "slowest_packed_over_fastest_padded": rates["packed"]["min"] / rates["padded"]["max"]}
+             "slowest_packed_over_fastest_padded": rates["packed"]["min"] / rates["padded"]["max"],
+             "cpu_time": cpu_rates["packed"] / cpu_rates["padded"],
+             # repeat i ran one padded and one packed pass back to back: their ratio shares the load
+             "per_repeat": [padded / packed for (padded, _), (packed, _) in zip(timings.raw["padded"], timings.raw["packed"])]}
     return {"title": f"packing vs padding, {args.fusion}, {args.samples} samples, rows of {args.max_len}",
             "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "mix": MIX,
             "real_tokens": real["padded"], "positions": positions, "fill": {n: real[n] / positions[n] for n in sets},
-            "batches": {name: len(group) for name, group in sets.items()}, "tokens_per_s": rates, "ratio": ratio,
-            "target": args.target, "target_met": ratio["slowest_packed_over_fastest_padded"] >= args.target,
+            "batches": {name: len(group) for name, group in sets.items()}, "tokens_per_s": rates, "tokens_per_cpu_s": cpu_rates,
+            "ratio": ratio,
+            "target": args.target, "target_met": min(ratio["per_repeat"]) >= args.target,
+            "runs_wall_cpu_s": timings.raw,
             "mean_loss": losses, "loss_relative_difference": abs(losses["packed"] - losses["padded"]) / abs(losses["padded"]),
             "machine": machine_info()}
 
@@ -183,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
               f"runs), fill {result['fill'][name]:.0%}, {result['batches'][name]} batches")
     ratio = result["ratio"]
     print(f"packed / padded: {ratio['median']:.2f}x median, {ratio['slowest_packed_over_fastest_padded']:.2f}x slowest "
-          f"packed over fastest padded; target {args.target:.1f}x {'met' if result['target_met'] else 'MISSED'}")
+          f"packed over fastest padded, {ratio['cpu_time']:.2f}x in process CPU time; per repeat "
+          f"{min(ratio['per_repeat']):.2f}-{max(ratio['per_repeat']):.2f}x; target {args.target:.1f}x "
+          f"{'met' if result['target_met'] else 'MISSED'} (by the slowest repeat)")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"packing-{args.fusion}.json").write_text(json.dumps(result, indent=1) + "\n")
     return 0

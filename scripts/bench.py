@@ -152,13 +152,12 @@ def compile_comparison(model: torch.nn.Module, make_loss: Callable[[torch.nn.Mod
                        repeats: int, backend: str = "inductor", modes: tuple[str, ...] = ("regional", "whole")) -> dict:
     """Our train step eager vs compiled: `regional` compiles each block as `model.compile: true`
     does (vlm.training.compile), `whole` compiles the step's forward and loss as one graph. For each:
-    compile time (the first two calls, with a fresh inductor cache), graphs and recompiles, then
+    compile time (the first two calls, with a fresh inductor cache), graphs and recompiles (of those
+    two calls: the first builds RoPE tables, which the second call's guards see), then
     all sides interleaved `repeats` times: median, min and max seconds."""
     import copy
 
-    from torch._dynamo.utils import counters
-
-    from vlm.training.compile import compile_blocks
+    from vlm.training.compile import compile_blocks, compile_statistics
 
     steps = {"eager": lambda: train_step(model, make_loss(model))}
     result: dict = {"backend": backend}
@@ -172,7 +171,7 @@ def compile_comparison(model: torch.nn.Module, make_loss: Callable[[torch.nn.Mod
         else:
             forward = torch.compile(make_loss(model), backend=backend)
             step = (lambda f: lambda: train_step(model, f))(forward)
-        graphs, frames = counters["stats"]["unique_graphs"], counters["frames"]["ok"]
+        before = compile_statistics()
         with tempfile.TemporaryDirectory() as cache:  # a first run's compile time, not a cache hit
             old, os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.environ.get("TORCHINDUCTOR_CACHE_DIR"), cache
             try:
@@ -181,8 +180,9 @@ def compile_comparison(model: torch.nn.Module, make_loss: Callable[[torch.nn.Mod
                 compile_s = time.perf_counter() - start
             finally:
                 os.environ.pop("TORCHINDUCTOR_CACHE_DIR") if old is None else os.environ.update(TORCHINDUCTOR_CACHE_DIR=old)
-        result[mode] = {"compile_s": compile_s, "graphs": counters["stats"]["unique_graphs"] - graphs,
-                        "frames_compiled": counters["frames"]["ok"] - frames}
+        after = compile_statistics()
+        result[mode] = {"compile_s": compile_s, "graphs": int(after["compile/graphs"] - before["compile/graphs"]),
+                        "recompiles": int(after["compile/recompiles"] - before["compile/recompiles"])}
         steps[mode] = step
     t = interleaved(steps, warmup=0, repeats=repeats)
     for name in steps:
@@ -195,7 +195,7 @@ def compile_comparison(model: torch.nn.Module, make_loss: Callable[[torch.nn.Mod
         r["speedup"] = t["eager"] / t[mode]
         r["speedup_worst"] = min(w for w, _ in t.raw["eager"]) / r["max_s"]  # slowest compiled vs fastest eager
         print(f"  {mode:<9} {_spread(r)}  speed-up {r['speedup']:.2f}x (worst pair {r['speedup_worst']:.2f}x), "
-              f"compile {r['compile_s']:.1f} s, {r['graphs']} graphs, {r['frames_compiled']} frames", flush=True)
+              f"compile {r['compile_s']:.1f} s, {r['graphs']} graphs, {r['recompiles']} recompiles", flush=True)
     return result
 
 

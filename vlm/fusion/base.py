@@ -133,6 +133,19 @@ def num_images(batch: FusionBatch) -> int:
     return 0
 
 
+def check_image_rows(batch: FusionBatch, num_images: int) -> None:
+    """For `Fusion.check`: a batch with images names a row of the batch for each of them (reads
+    the index on the host; `images_per_row` cannot check it without a sync)."""
+    if num_images == 0:
+        return
+    index, rows = batch.image_sample_index, batch.input_ids.shape[0]
+    if index is None:
+        raise ValueError("batch has images but no image_sample_index")
+    if index.shape != (num_images,) or not bool(((index >= 0) & (index < rows)).all()):
+        raise ValueError(f"image_sample_index {index.tolist()} must give each of the {num_images} images a row "
+                         f"of the batch's {rows}")
+
+
 def images_per_row(batch: FusionBatch, num_images: int) -> torch.Tensor:
     """[B] number of images of each row, from `image_sample_index`.
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vlm.fusion.base import Fusion, FusionBatch, images_per_row, num_images, register
+from vlm.fusion.base import Fusion, FusionBatch, check_image_rows, images_per_row, num_images, register
 
 
 @dataclass
@@ -71,11 +71,8 @@ class LlavaFusion(Fusion):
     def check(self, batch: FusionBatch) -> None:
         """Each row must hold exactly `tokens_per_image` placeholders per image of that row."""
         images = num_images(batch)
+        check_image_rows(batch, images)
         counts = images_per_row(batch, images) if images else None
-        if counts is not None and not bool(((batch.image_sample_index >= 0)
-                                             & (batch.image_sample_index < len(counts))).all()):
-            raise ValueError(f"image_sample_index {batch.image_sample_index.tolist()} points outside the batch's "
-                             f"{len(counts)} rows")
         found = (batch.input_ids == self.image_token_id).sum(-1)
         expected = (counts if counts is not None else torch.zeros_like(found)) * self.vision_tokens
         if not torch.equal(found, expected):

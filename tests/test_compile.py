@@ -178,3 +178,16 @@ def test_recompiles_are_counted_and_stop_once_the_length_is_dynamic():
     # length 4: one graph; length 6 fails its guard and recompiles with a dynamic length; then no more
     assert [s["compile/graphs"] - seen[0]["compile/graphs"] for s in seen] == [0, 1, 1, 1]
     assert [s["compile/recompiles"] for s in seen] == [0, 1, 1, 1]
+
+
+@pytest.mark.skipif(DEVICE == "cpu" and not os.environ.get("VLM_TEST_INDUCTOR"),
+                    reason="inductor's code generation takes minutes on a shared CPU (VLM_TEST_INDUCTOR=1 runs it); "
+                           "scripts/gpu_check.sh runs it on CUDA")
+@pytest.mark.parametrize("fusion", ["llava", "flamingo"])
+def test_compiled_decode_step_gives_the_same_greedy_tokens(fusion):
+    model = small_model(fusion).eval().to(DEVICE)
+    prompts = [[1, IMAGE_ID, 9, 10, IMAGE_ID, 12], [2, IMAGE_ID, 3]]
+    imgs = [[i.to(DEVICE) for i in images(2)], [i.to(DEVICE) for i in images(1, seed=3)]]
+    eager = model.generate(imgs, prompts, max_new_tokens=10)
+    assert model.generate(imgs, prompts, max_new_tokens=10, compile_step=True) == eager
+    assert model.generate(imgs, prompts, max_new_tokens=10, use_cache=False) == eager

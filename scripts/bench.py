@@ -161,8 +161,8 @@ def compile_comparison(model: torch.nn.Module, make_loss: Callable[[torch.nn.Mod
 
     steps = {"eager": lambda: train_step(model, make_loss(model))}
     result: dict = {"backend": backend}
+    torch._dynamo.reset()  # once: a reset between the modes would drop the first mode's graphs
     for mode in modes:
-        torch._dynamo.reset()
         if mode == "regional":
             copied = copy.deepcopy(model)
             units = _blocks_of(copied)

@@ -191,6 +191,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def write(results: list[dict], args) -> None:
+    """The JSON and the table so far: rewritten after every row, so a run stopped by its timeout
+    keeps the rows it finished."""
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    for path, text in ((args.json, json.dumps({"config": config, "results": results}, indent=2)),
+                       (args.markdown, markdown(results, args))):
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -204,13 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.device == "cuda":
             torch.cuda.empty_cache()
         print(markdown(results[-1:], args).splitlines()[-1], flush=True)
-    table = markdown(results, args)
-    print(table)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    for path, text in ((args.json, json.dumps({"config": config, "results": results}, indent=2)), (args.markdown, table)):
-        if path:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
+        write(results, args)
+    print(markdown(results, args))
     return 1 if any("error" in r for r in results) else 0
 
 

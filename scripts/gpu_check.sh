@@ -42,9 +42,9 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv || true
 
 export VLM_TEST_DEVICE=cuda VLM_TEST_INDUCTOR=1
 step fp8_numerics 60 "$python" -m pytest -q tests/training/test_fp8.py -k sqnr
-step gpu_tests 90 "$python" -m pytest -q tests/text/test_loss_static.py tests/test_compile.py
-step multirank 200 "$python" scripts/gpu_multirank.py --out "$out/multirank" --steps 20 --every 10 --timeout 90 --compile
-step gpu_bench 220 "$python" scripts/gpu_bench.py --steps 8 --warmup 3 \
+step gpu_tests 110 "$python" -m pytest -q tests/text/test_loss_static.py tests/test_compile.py
+step multirank 180 "$python" scripts/gpu_multirank.py --out "$out/multirank" --steps 20 --every 10 --timeout 90 --compile
+step gpu_bench 240 "$python" scripts/gpu_bench.py --steps 8 --warmup 3 \
     --json benchmarks/results/gpu.json --markdown benchmarks/results/gpu.md
 
 if [ ${#failed[@]} -gt 0 ]; then

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlm.fusion.base import Fusion, FusionBatch, images_per_row, register
+from vlm.fusion.base import Fusion, FusionBatch, check_image_rows, images_per_row, register
 from vlm.text.llama import sample_starts
 
 
@@ -167,6 +167,7 @@ class FlamingoFusion(Fusion):
         compiled graph (it reads tensor values); `prepare` trusts it."""
         marks = (batch.input_ids == self.image_token_id).long()
         images = _batch_images(batch)
+        check_image_rows(batch, 0 if images is None else images.shape[0])
         counts = images_per_row(batch, 0 if images is None else images.shape[0])
         if not torch.equal(marks.sum(-1), counts):
             row = int((marks.sum(-1) != counts).nonzero()[0])

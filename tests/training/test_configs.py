@@ -26,6 +26,8 @@ RECIPES = [
     ["shapes.yaml", "fusion/llava.yaml", "peft/lora.yaml"],
     ["shapes.yaml", "fusion/llava.yaml", "moe.yaml"],
     ["shapes.yaml", "fusion/flamingo.yaml", "moe.yaml"],
+    ["long_context/base.yaml", "fusion/llava.yaml"],  # text only: the fusion file restates the recipe's own
+    ["long_context.yaml", "fusion/llava.yaml"],
     ["llama32_1b_clip/base.yaml", "llama32_1b_clip/flamingo.yaml", "peft/qlora.yaml"],
     *[["llama32_1b_clip/base.yaml", f"llama32_1b_clip/{fusion}.yaml", f"stage/{stage}.yaml"]
       for fusion in ("llava", "flamingo") for stage in ("align", "instruct")],
@@ -38,7 +40,7 @@ MODIFIERS = sorted(str(p.relative_to(CONFIGS)) for folder in ("strategy", "preci
 
 def test_every_shipped_yaml_is_in_a_tested_recipe():
     shipped = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml"))
-    assert len(shipped) == 15 + len(MODIFIERS), shipped
+    assert len(shipped) == 17 + len(MODIFIERS), shipped
     assert len(MODIFIERS) >= 2
     assert sorted({f for recipe in RECIPES for f in recipe} | set(MODIFIERS)) == shipped
 

@@ -15,7 +15,6 @@ the device (H200: 989 TFLOP/s), for every row, fp8 included.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from collections.abc import Callable

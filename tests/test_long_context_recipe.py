@@ -4,7 +4,6 @@ and scripts/long_context_study.py runs base -> scaled -> extended for every meth
 
 import importlib.util
 import json
-import random
 from pathlib import Path
 
 import pytest

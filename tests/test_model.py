@@ -200,3 +200,13 @@ def test_take_rows_reorders_every_per_row_tensor_of_a_fusion_state():
         assert torch.equal(got, original[rows])
     other = torch.randn(5, 3)  # not per row: left alone, as are None and plain values
     assert take_rows([other, None, 7], rows)[0] is other and take_rows(None, rows) is None
+
+
+@pytest.mark.parametrize("fusion", ["llava", "flamingo"])
+def test_image_rows_outside_the_batch_are_refused_before_the_model_runs(fusion, monkeypatch):
+    model = tiny_model(fusion)
+    batch = batch_from(model, [[1, IMAGE_ID, 3]], [images(1)])
+    batch.image_sample_index = torch.tensor([1])  # a second row that does not exist
+    monkeypatch.setattr(model.vision, "forward", lambda *a: pytest.fail("the tower ran on a bad batch"))
+    with pytest.raises(ValueError, match=r"image_sample_index \[1\] must give each of the 1 images a row of the batch's 1"):
+        model(batch)

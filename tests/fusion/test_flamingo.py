@@ -77,15 +77,6 @@ def test_more_than_max_images_in_a_sample_is_refused_by_check():
     model.fusion.check(batch_from(model, [ROW[:9], ROW[:5]], [images(2), images(1)]))  # two each: fine
 
 
-def test_image_rows_outside_the_batch_are_refused_before_the_model_runs(monkeypatch):
-    model = tiny_model("flamingo")
-    batch = batch_from(model, [[1, IMAGE_ID, 3]], [images(1)])
-    batch.image_sample_index = torch.tensor([1])  # a second row that does not exist
-    monkeypatch.setattr(model.vision, "forward", lambda *a: pytest.fail("the tower ran on a bad batch"))
-    with pytest.raises(ValueError, match=r"image_sample_index \[1\] must give each of the 1 images a row of the batch's 1"):
-        model(batch)
-
-
 @pytest.mark.parametrize("immediate", [True, False])
 def test_cached_equals_uncached_and_batched_equals_single(immediate):
     model = tiny_model("flamingo", only_attend_immediate=immediate)

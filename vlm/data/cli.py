@@ -80,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "an image's captions stay together): the same input always splits "
                              "the same way")
 
+    _add_generators(commands)
+    _add_converters(commands, converter)
+    return parser
+
+
+def _add_generators(commands) -> None:
+    """The commands that make data: shapes, emoji, passkey."""
     p = commands.add_parser("shapes", parents=[_shard_options(1000)],
                             help="synthetic shapes: caption, chat, interleaved (and preference, fewshot) shards")
     p.add_argument("--out", type=Path, required=True)
@@ -113,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     passkey.add_arguments(commands.add_parser("passkey", parents=[_shard_options(5000)],
                                               help="passkey retrieval documents (text only) and their tokenizer"))
 
+
+def _add_converters(commands, converter: argparse.ArgumentParser) -> None:
+    """The commands that convert existing data; `converter` holds their shared options."""
     p = commands.add_parser("from-coco", parents=[converter], help="COCO captions JSON")
     p.add_argument("--captions", type=Path, required=True, help="e.g. captions_train2017.json")
     p.add_argument("--images", type=Path, required=True, help="folder of the COCO images")
@@ -141,7 +151,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", type=Path, help="searched recursively for images ("
                    + ", ".join(convert.IMAGE_SUFFIXES) + ") with a same-name .txt caption")
     p.add_argument("--out", type=Path, required=True)
-    return parser
 
 
 def _run_shapes(args: argparse.Namespace) -> int:
